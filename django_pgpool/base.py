@@ -1,0 +1,164 @@
+"""The ENGINE: Django's postgresql backend, borrowing from and returning to a pool.
+
+Only what pooling changes is overridden; everything else (operations,
+introspection, schema editor, test-database creation) is Django's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg2.extras
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.postgresql.base import DatabaseWrapper as PostgresDatabaseWrapper
+from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
+from django.db.utils import DEFAULT_DB_ALIAS
+from django.utils.asyncio import async_unsafe
+
+from . import registry
+from .options import POOL_KEYS, PoolOptions, parse_options
+from .pool import ConnectionPool
+from .session import PooledConnection
+
+__all__ = ["DatabaseWrapper"]
+
+# django.db.backends.base.base.NO_DB_ALIAS: the alias of the short-lived
+# connection Django opens for CREATE/DROP DATABASE. Never pooled: it must
+# not linger on the maintenance database.
+NO_DB_ALIAS = "__no_db__"
+
+PSYCOPG3_MESSAGE = (
+    "django_pgpool runs on psycopg2, but Django has picked psycopg 3 because the "
+    "'psycopg' package is installed in this environment. Uninstall it "
+    "(pip uninstall psycopg psycopg-binary psycopg-c psycopg-pool) to use "
+    "ENGINE 'django_pgpool', or use ENGINE 'django.db.backends.postgresql' with "
+    "OPTIONS['pool'] for Django's own psycopg 3 pool."
+)
+
+
+def _json_passthrough(value: Any) -> Any:
+    return value
+
+
+def _escape_startup_value(value: str) -> str:
+    """Escape a value for libpq's ``options`` (backslash before spaces and backslashes)."""
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+def _prepare_new_connection(conn: PooledConnection, isolation_level: int | None) -> None:
+    """Do once per physical connection what Django does on every connect."""
+    if isolation_level is not None:
+        conn.isolation_level = isolation_level
+    # As Django's postgresql get_new_connection(): JSONField decodes itself.
+    psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=_json_passthrough)
+    # Django's default; its set_autocommit(True) at each borrow then costs nothing.
+    conn.autocommit = True
+
+
+class DatabaseWrapper(PostgresDatabaseWrapper):
+    """PostgreSQL through a process-global pool of psycopg2 connections."""
+
+    def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
+        if is_psycopg3:
+            raise ImproperlyConfigured(PSYCOPG3_MESSAGE)
+        super().__init__(settings_dict, alias)
+        # The pool the current connection was borrowed from: it may no longer
+        # be the registry's pool for these settings when it is returned.
+        self._pgpool: ConnectionPool | None = None
+        self._pgpool_options: tuple[tuple[Any, ...], PoolOptions] | None = None
+
+    @property
+    def pooled(self) -> bool:
+        return self.alias != NO_DB_ALIAS
+
+    def pool_options(self) -> PoolOptions:
+        """Return the validated pool options; raise ImproperlyConfigured if they are wrong."""
+        options = self.settings_dict["OPTIONS"]
+        conn_max_age = self.settings_dict.get("CONN_MAX_AGE", 0)
+        signature = (conn_max_age, *((k, options[k]) for k in sorted(POOL_KEYS & options.keys())))
+        cached = self._pgpool_options
+        if cached is None or cached[0] != signature or "pool" in options:
+            cached = (signature, parse_options(self.alias, options, conn_max_age))
+            self._pgpool_options = cached
+        return cached[1]
+
+    def get_connection_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = super().get_connection_params()
+        for key in POOL_KEYS:
+            params.pop(key, None)
+        if not self.pooled:
+            return params
+        self.pool_options()
+        # Give the session its time zone and role at connect time: Django then
+        # finds nothing to SET at each borrow, and DISCARD ALL keeps them.
+        startup = []
+        if self.timezone_name:
+            startup.append(f"-c TimeZone={_escape_startup_value(self.timezone_name)}")
+        if role := self.settings_dict["OPTIONS"].get("assume_role"):
+            startup.append(f"-c role={_escape_startup_value(str(role))}")
+        if startup:
+            params["options"] = " ".join([params.get("options", ""), *startup]).strip()
+        return params
+
+    def _isolation_level(self) -> int | None:
+        """Set and return the isolation level from OPTIONS, as Django's get_new_connection."""
+        options = self.settings_dict["OPTIONS"]
+        if "isolation_level" not in options:
+            self.isolation_level = IsolationLevel.READ_COMMITTED
+            return None
+        try:
+            self.isolation_level = IsolationLevel(options["isolation_level"])
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"Invalid transaction isolation level {options['isolation_level']} "
+                f"specified. Use one of the psycopg.IsolationLevel values."
+            ) from None
+        return int(self.isolation_level)
+
+    @async_unsafe
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        if not self.pooled:
+            return super().get_new_connection(conn_params)
+        options = self.pool_options()
+        isolation_level = self._isolation_level()
+        pool = registry.get_pool(
+            self.alias,
+            conn_params,
+            options,
+            configure=lambda conn: _prepare_new_connection(conn, isolation_level),
+            extra_key=(isolation_level,),
+        )
+        connection = pool.getconn()
+        self._pgpool = pool
+        return connection
+
+    def _configure_role(self, connection: Any) -> bool:
+        # Pooled connections got the role at connect time (libpq options).
+        if self.pooled:
+            return False
+        result: bool = super()._configure_role(connection)
+        return result
+
+    def _close(self) -> None:
+        pool, self._pgpool = self._pgpool, None
+        if pool is None or self.connection is None:
+            return super()._close()  # type: ignore[no-any-return]
+        # Inside atomic() Django keeps self.connection after close(): it must
+        # then never be lent to anyone else, so it is closed, not kept.
+        with self.wrap_database_errors:
+            pool.putconn(self.connection, close=self.in_atomic_block)
+        return None
+
+    def close_pool(self) -> None:
+        """Close every pool of this process that reaches this database.
+
+        Django's test-database code calls this before CREATE DATABASE ...
+        TEMPLATE and DROP DATABASE, which need no other session on it.
+        """
+        super().close_pool()
+        if not self.pooled:
+            return
+        params = super().get_connection_params()
+        database = registry.database_of(params)
+        database.pop("user", None)
+        registry.close_pools(database=database)

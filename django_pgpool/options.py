@@ -1,0 +1,164 @@
+"""The pool's own settings: read once from a database's OPTIONS, validated, frozen.
+
+Validation lives here and nowhere else: the ENGINE raises the first problem as
+``ImproperlyConfigured``, the system checks (``checks.py``) report every one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, NamedTuple
+
+from django.core.exceptions import ImproperlyConfigured
+
+__all__ = [
+    "POOL_KEYS",
+    "RESET_MODES",
+    "PoolOptions",
+    "Problem",
+    "option_problems",
+    "parse_options",
+]
+
+RESET_MODES = ("auto", "always")
+ResetMode = Literal["auto", "always"]
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """The validated pool settings of one database (OPTIONS keys of the same name)."""
+
+    minconn: int = 1
+    maxconn: int = 10
+    timeout: float = 30.0
+    max_waiting: int = 0
+    max_lifetime: float = 3600.0
+    max_idle: float = 600.0
+    check_after: float = 1.0
+    reset: ResetMode = "auto"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+DEFAULTS = PoolOptions()
+
+#: The OPTIONS keys that belong to the pool and must never reach libpq.
+POOL_KEYS = frozenset(f.name for f in fields(PoolOptions))
+
+# key -> (kind, lowest allowed value, text of the allowed range)
+_INT_KEYS = {
+    "minconn": (0, "an integer >= 0"),
+    "maxconn": (1, "an integer >= 1"),
+    "max_waiting": (0, "an integer >= 0 (0 means no limit)"),
+}
+_SECONDS_KEYS = {
+    "timeout": (0.0, "a number of seconds > 0"),
+    "max_lifetime": (0.0, "a number of seconds > 0"),
+    "max_idle": (0.0, "a number of seconds > 0"),
+    "check_after": (0.0, "a number of seconds >= 0 (0 checks every borrow)"),
+}
+_STRICTLY_POSITIVE = {"timeout", "max_lifetime", "max_idle"}
+
+
+class Problem(NamedTuple):
+    """One invalid setting: its check id, its setting path and what to do."""
+
+    id: str
+    setting: str
+    message: str
+
+
+# Check ids, one per kind of problem (documented in docs/checks.md).
+E_VALUE = "django_pgpool.E001"  # a pool option has a wrong type or is out of range
+E_MIN_MAX = "django_pgpool.E002"  # minconn > maxconn
+E_DJANGO_POOL = "django_pgpool.E003"  # OPTIONS['pool'] (Django's psycopg 3 pool)
+E_CONN_MAX_AGE = "django_pgpool.E004"  # CONN_MAX_AGE != 0
+
+
+def _path(alias: str, key: str) -> str:
+    return f"DATABASES[{alias!r}]['OPTIONS'][{key!r}]"
+
+
+def option_problems(alias: str, options: Mapping[str, Any], conn_max_age: Any = 0) -> list[Problem]:
+    """Return every problem in a database's settings."""
+    problems: list[Problem] = []
+
+    def bad(key: str, allowed: str) -> None:
+        path = _path(alias, key)
+        message = f"{path} is {options[key]!r}; it must be {allowed}."
+        problems.append(Problem(E_VALUE, path, message))
+
+    for key, (low, allowed) in _INT_KEYS.items():
+        if key not in options:
+            continue
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            bad(key, allowed)
+    for key, (_, allowed) in _SECONDS_KEYS.items():
+        if key not in options:
+            continue
+        value = options[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+            or (key in _STRICTLY_POSITIVE and value == 0)
+        ):
+            bad(key, allowed)
+    if "reset" in options and options["reset"] not in RESET_MODES:
+        bad("reset", "one of " + ", ".join(repr(m) for m in RESET_MODES))
+
+    minconn, maxconn = (
+        options.get("minconn", DEFAULTS.minconn),
+        options.get("maxconn", DEFAULTS.maxconn),
+    )
+    if (
+        not any(p.setting in (_path(alias, "minconn"), _path(alias, "maxconn")) for p in problems)
+        and minconn > maxconn
+    ):
+        problems.append(
+            Problem(
+                E_MIN_MAX,
+                _path(alias, "minconn"),
+                f"{_path(alias, 'minconn')} ({minconn}) is greater than "
+                f"{_path(alias, 'maxconn')} ({maxconn}); set minconn <= maxconn.",
+            )
+        )
+    if "pool" in options:
+        problems.append(
+            Problem(
+                E_DJANGO_POOL,
+                _path(alias, "pool"),
+                f"{_path(alias, 'pool')} is Django's own pool option, which needs psycopg 3; "
+                "django_pgpool pools by itself: remove 'pool' and size the pool with "
+                "OPTIONS['minconn'] and OPTIONS['maxconn'].",
+            )
+        )
+    if conn_max_age != 0:
+        problems.append(
+            Problem(
+                E_CONN_MAX_AGE,
+                f"DATABASES[{alias!r}]['CONN_MAX_AGE']",
+                f"DATABASES[{alias!r}]['CONN_MAX_AGE'] is {conn_max_age!r}; django_pgpool needs "
+                "CONN_MAX_AGE = 0, because the pool keeps the connections: each request "
+                "borrows one and gives it back when Django closes it. Set CONN_MAX_AGE to 0 "
+                "(or remove it) and size the pool with OPTIONS['minconn'] and OPTIONS['maxconn'].",
+            )
+        )
+    return problems
+
+
+def parse_options(alias: str, options: Mapping[str, Any], conn_max_age: Any = 0) -> PoolOptions:
+    """Return the validated PoolOptions, or raise ImproperlyConfigured for the first problem."""
+    problems = option_problems(alias, options, conn_max_age)
+    if problems:
+        raise ImproperlyConfigured(problems[0].message)
+    given = {key: options[key] for key in POOL_KEYS if key in options}
+    for key in _SECONDS_KEYS:
+        if key in given:
+            given[key] = float(given[key])
+    return PoolOptions(**given)

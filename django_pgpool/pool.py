@@ -1,0 +1,528 @@
+"""The connection pool: psycopg2's ThreadedConnectionPool API, with internals made right.
+
+Django-free: usable (and tested) on its own.
+
+Lock discipline
+---------------
+Each pool has one ``threading.Lock``, ``_lock``. It guards every mutable
+attribute of the pool: ``_idle``, ``_used``, ``_keys``, ``_nconns``,
+``_waiters``, ``_stats``, ``closed`` and ``_refill_after``. It is held only for
+bookkeeping: never during a connect, a query, a reset or a close (network
+I/O), so a slow server never blocks the threads that could be served from
+idle connections.
+
+A connection being opened, checked, reset or closed is outside both
+``_idle`` and ``_used`` but still counted in ``_nconns``: its *slot* is
+reserved, so the pool never has more than ``maxconn`` connections, counting
+the ones being opened.
+
+Waiters queue in FIFO order. A returned connection (or a freed slot) is
+handed directly to the longest waiter under the lock, which then releases
+that waiter's private lock. The returning thread cannot take it back, so no
+waiter starves (with a shared Condition the returning thread usually wins
+the race under the GIL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import select
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions as ext
+import psycopg2.pool
+
+from . import maintenance
+from .errors import PoolClosed, PoolTimeout, TooManyRequests
+from .session import Baseline, PooledConnection, reset_session, tracking_cursor_class
+
+__all__ = ["ConnectionPool"]
+
+logger = logging.getLogger("django_pgpool")
+
+# Counters (psycopg_pool's names, plus a few of our own).
+REQUESTS_NUM = "requests_num"
+REQUESTS_QUEUED = "requests_queued"
+REQUESTS_WAIT_MS = "requests_wait_ms"
+REQUESTS_ERRORS = "requests_errors"
+REQUESTS_TIMEOUTS = "requests_timeouts"
+USAGE_MS = "usage_ms"
+RETURNS_BAD = "returns_bad"
+RETURNS_RESET = "returns_reset"
+CONNECTIONS_NUM = "connections_num"
+CONNECTIONS_MS = "connections_ms"
+CONNECTIONS_ERRORS = "connections_errors"
+CONNECTIONS_LOST = "connections_lost"
+CONNECTIONS_EXPIRED = "connections_expired"
+CONNECTIONS_CLOSED = "connections_closed"
+
+# How long the background refill waits after a failed connect.
+REFILL_BACKOFF = 2.0
+# Relative jitter on max_lifetime, so connections opened together don't expire together.
+LIFETIME_JITTER = 0.05
+
+
+class _Waiter:
+    """A caller in line. The pool fills in ``conn``, ``granted`` or ``error``
+    under the pool lock, then calls ``wake()``; only the waiter reads them."""
+
+    __slots__ = ("_ready", "conn", "error", "granted")
+
+    def __init__(self) -> None:
+        self._ready = threading.Lock()
+        self._ready.acquire()
+        self.conn: PooledConnection | None = None
+        self.granted = False  # a slot to open a new connection in
+        self.error: BaseException | None = None
+
+    @property
+    def served(self) -> bool:
+        return self.conn is not None or self.granted or self.error is not None
+
+    def wait(self, timeout: float) -> bool:
+        return self._ready.acquire(timeout=max(timeout, 0.0))
+
+    def wake(self) -> None:
+        self._ready.release()
+
+
+def _has_pending_input(conn: PooledConnection) -> bool:
+    """Return True if an idle connection's socket is readable: the server spoke
+    (an idle session only hears from it on a fatal error) or closed it."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+def _close_quietly(conn: PooledConnection) -> None:
+    with contextlib.suppress(Exception):  # a broken connection may fail to say goodbye
+        conn.close()
+
+
+class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
+    """A thread-safe, fork-safe pool with waiting, health checks and session reset.
+
+    ``ConnectionPool(minconn, maxconn, *args, **kwargs)`` like psycopg2's pool:
+    ``args`` and ``kwargs`` go to ``psycopg2.connect()``. The pool's own knobs
+    are keyword-only. Connections are opened lazily, never in ``__init__``.
+    """
+
+    def __init__(
+        self,
+        minconn: int,
+        maxconn: int,
+        *args: Any,
+        name: str = "pool",
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        max_lifetime: float = 3600.0,
+        max_idle: float = 600.0,
+        check_after: float = 1.0,
+        reset: str = "auto",
+        configure: Callable[[PooledConnection], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # psycopg2's __init__ is not called: it opens minconn connections at
+        # once. We set the attributes its public API exposes ourselves.
+        for label, value, low in (("minconn", minconn, 0), ("maxconn", maxconn, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{label} must be an integer >= {low}, not {value!r}")
+        if minconn > maxconn:
+            raise ValueError(f"minconn ({minconn}) must not be greater than maxconn ({maxconn})")
+        if reset not in ("auto", "always"):
+            raise ValueError(f"reset must be 'auto' or 'always', not {reset!r}")
+        self.minconn = minconn
+        self.maxconn = maxconn
+        self.name = name
+        self.timeout = timeout
+        self.max_waiting = max_waiting
+        self.max_lifetime = max_lifetime
+        self.max_idle = max_idle
+        self.check_after = check_after
+        self.reset = reset
+        self._configure = configure
+
+        factory = kwargs.get("connection_factory") or PooledConnection
+        if not issubclass(factory, PooledConnection):
+            raise TypeError("connection_factory must be a subclass of PooledConnection")
+        kwargs["connection_factory"] = factory
+        kwargs["cursor_factory"] = tracking_cursor_class(kwargs.get("cursor_factory") or ext.cursor)
+        self._args = args
+        self._kwargs = kwargs
+
+        self._init_state()
+        maintenance.register(self)
+
+    def _init_state(self) -> None:
+        """Set up empty bookkeeping (at creation, and in a forked child)."""
+        self._lock = threading.Lock()
+        self.closed = False
+        self._pid = os.getpid()
+        self._idle: deque[PooledConnection] = deque()  # most recently returned last
+        self._used: dict[int, PooledConnection] = {}  # id(conn) -> conn, checked out
+        self._keys: dict[Hashable, PooledConnection] = {}  # psycopg2's getconn(key) API
+        self._nconns = 0  # idle + used + being opened/checked/reset/closed
+        self._waiters: deque[_Waiter] = deque()
+        self._stats: Counter[str] = Counter()
+        self._refill_after = 0.0
+
+    # -- borrowing -----------------------------------------------------------
+
+    def getconn(self, key: Hashable | None = None) -> PooledConnection:
+        """Return a healthy connection, waiting up to ``timeout`` seconds for one."""
+        if key is not None:
+            with self._lock:
+                conn = self._keys.get(key)
+            if conn is not None:
+                return conn
+        started = time.monotonic()
+        conn = self._take(started)
+        while True:
+            if conn is not None:
+                problem = self._problem(conn)
+                if problem is None:
+                    break
+                # Dead or expired: close it and open a new one in its slot.
+                _close_quietly(conn)
+                with self._lock:
+                    del self._used[id(conn)]
+                    self._stats[problem] += 1
+                    self._stats[CONNECTIONS_CLOSED] += 1
+                logger.debug("pool %s: %s connection replaced at borrow", self.name, problem)
+            conn = self._open_in_reserved_slot()
+            with self._lock:
+                self._used[id(conn)] = conn
+        conn.borrowed_at = time.monotonic()
+        if key is not None:
+            with self._lock:
+                self._keys[key] = conn
+        return conn
+
+    def _take(self, started: float) -> PooledConnection | None:
+        """Take an idle connection, or reserve a slot (return None), waiting in line if needed."""
+        with self._lock:
+            self._stats[REQUESTS_NUM] += 1
+            if self.closed:
+                raise PoolClosed(f"connection pool {self.name} is closed")
+            if not self._waiters:
+                if self._idle:
+                    conn = self._idle.pop()
+                    self._used[id(conn)] = conn
+                    return conn
+                if self._nconns < self.maxconn:
+                    self._nconns += 1
+                    return None
+            if self.max_waiting and len(self._waiters) >= self.max_waiting:
+                self._stats[REQUESTS_ERRORS] += 1
+                raise TooManyRequests(
+                    f"couldn't get a connection for {self.name}: {len(self._waiters)} requests "
+                    f"are already waiting (max_waiting={self.max_waiting}, maxconn="
+                    f"{self.maxconn}, {len(self._used)} in use); raise OPTIONS['max_waiting'] "
+                    "or OPTIONS['maxconn'], or return connections sooner"
+                )
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+            self._stats[REQUESTS_QUEUED] += 1
+
+        waiter.wait(self.timeout - (time.monotonic() - started))
+
+        with self._lock:
+            waited_ms = int((time.monotonic() - started) * 1000)
+            self._stats[REQUESTS_WAIT_MS] += waited_ms
+            if not waiter.served:
+                self._waiters.remove(waiter)
+                self._stats[REQUESTS_ERRORS] += 1
+                self._stats[REQUESTS_TIMEOUTS] += 1
+                message = (
+                    f"couldn't get a connection for {self.name} after {self.timeout:.1f} s "
+                    f"(maxconn={self.maxconn}, {len(self._used)} in use, "
+                    f"{len(self._waiters)} waiting); raise OPTIONS['maxconn'] or "
+                    "OPTIONS['timeout'], or return connections sooner"
+                )
+        if not waiter.served:
+            logger.error("pool %s: %s", self.name, message)
+            raise PoolTimeout(message)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.conn
+
+    def _problem(self, conn: PooledConnection) -> str | None:
+        """Return why ``conn`` can't be handed out (a stats key), or None if it can.
+
+        Runs outside the lock: it may do a round trip.
+        """
+        if conn.closed:
+            return CONNECTIONS_LOST
+        now = time.monotonic()
+        if conn.expires_at <= now:
+            return CONNECTIONS_EXPIRED
+        if now - conn.returned_at <= self.check_after:
+            return None
+        try:
+            if _has_pending_input(conn):
+                return CONNECTIONS_LOST
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            if not conn.autocommit:
+                conn.rollback()
+        except (psycopg2.Error, OSError):
+            return CONNECTIONS_LOST
+        return None
+
+    def _open_in_reserved_slot(self) -> PooledConnection:
+        """Open a connection in a slot already counted in ``_nconns``."""
+        try:
+            conn = self._connect()
+        except BaseException:
+            with self._lock:
+                self._stats[REQUESTS_ERRORS] += 1
+                self._release_slot()
+            raise
+        with self._lock:
+            closed = self.closed
+            if closed:
+                self._release_slot()
+        if closed:
+            _close_quietly(conn)
+            raise PoolClosed(f"connection pool {self.name} is closed")
+        return conn
+
+    def _connect(self) -> PooledConnection:
+        """Open and configure a new connection (no lock held; the slot is reserved)."""
+        started = time.monotonic()
+        try:
+            conn: PooledConnection = psycopg2.connect(*self._args, **self._kwargs)
+            try:
+                if self._configure is not None:
+                    self._configure(conn)
+                if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+                    conn.rollback()
+            except BaseException:
+                _close_quietly(conn)
+                raise
+        except BaseException:
+            with self._lock:
+                self._stats[CONNECTIONS_ERRORS] += 1
+            raise
+        now = time.monotonic()
+        conn.baseline = Baseline.capture(conn)
+        conn.created_at = conn.returned_at = now
+        conn.expires_at = now + self.max_lifetime * (1.0 - LIFETIME_JITTER * random.random())
+        conn.pool_pid = self._pid
+        with self._lock:
+            self._stats[CONNECTIONS_NUM] += 1
+            self._stats[CONNECTIONS_MS] += int((now - started) * 1000)
+        logger.debug("pool %s: connection opened in %.1f ms", self.name, (now - started) * 1000)
+        return conn
+
+    # -- returning -----------------------------------------------------------
+
+    def putconn(
+        self, conn: PooledConnection, key: Hashable | None = None, close: bool = False
+    ) -> None:
+        """Give ``conn`` back. Broken connections are discarded, never raised about.
+
+        ``close=True`` closes it instead of keeping it. Returning a connection
+        this pool did not lend (or lent and got back already) raises PoolError.
+        """
+        if getattr(conn, "pool_pid", self._pid) != self._pid:
+            # Inherited through fork(): the parent owns the session.
+            detach_inherited(conn)
+            return
+        with self._lock:
+            if self._used.get(id(conn)) is not conn:
+                raise psycopg2.pool.PoolError(
+                    f"connection returned to {self.name} is not checked out from it "
+                    "(returned twice, or taken from another pool)"
+                )
+            del self._used[id(conn)]
+            if key is None:
+                key = next((k for k, c in self._keys.items() if c is conn), None)
+            if key is not None:
+                self._keys.pop(key, None)
+            self._stats[USAGE_MS] += int((time.monotonic() - conn.borrowed_at) * 1000)
+            closing = close or self.closed
+
+        reason = None
+        if closing:
+            pass
+        elif conn.expires_at <= time.monotonic():
+            reason = CONNECTIONS_EXPIRED
+        else:
+            dirty_before = conn.session_dirty
+            if reset_session(conn, always=self.reset == "always"):
+                conn.returned_at = time.monotonic()
+                with self._lock:
+                    if dirty_before or self.reset == "always":
+                        self._stats[RETURNS_RESET] += 1
+                    if not self.closed:
+                        self._make_available(conn)
+                        return
+            else:
+                reason = RETURNS_BAD
+
+        _close_quietly(conn)
+        with self._lock:
+            if reason is not None:
+                self._stats[reason] += 1
+            self._stats[CONNECTIONS_CLOSED] += 1
+            self._release_slot()
+
+    def _make_available(self, conn: PooledConnection) -> None:
+        """Hand ``conn`` to the longest waiter, else keep it idle. Lock held."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            self._used[id(conn)] = conn
+            waiter.conn = conn
+            waiter.wake()
+        else:
+            self._idle.append(conn)
+
+    def _release_slot(self) -> None:
+        """Forget a closed connection's slot, or pass it to the longest waiter. Lock held."""
+        self._nconns -= 1
+        if self._waiters and not self.closed and self._nconns < self.maxconn:
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            self._nconns += 1
+            waiter.wake()
+        elif self._nconns < self.minconn and not self.closed:
+            maintenance.wake()
+
+    # -- closing -------------------------------------------------------------
+
+    def closeall(self) -> None:
+        """Close idle connections now and the others as they are returned. Idempotent."""
+        with self._lock:
+            self.closed = True
+            idle = list(self._idle)
+            self._idle.clear()
+            self._nconns -= len(idle)
+            self._stats[CONNECTIONS_CLOSED] += len(idle)
+            for waiter in self._waiters:
+                waiter.error = PoolClosed(f"connection pool {self.name} is closed")
+                waiter.wake()
+            self._waiters.clear()
+        for conn in idle:
+            _close_quietly(conn)
+
+    # -- background maintenance (called by the maintenance thread) ------------
+
+    def maintain(self) -> None:
+        """Close expired and surplus idle connections, refill to minconn."""
+        now = time.monotonic()
+        to_close: list[tuple[PooledConnection, str | None]] = []
+        with self._lock:
+            if self.closed or self._pid != os.getpid():
+                return
+            keep: deque[PooledConnection] = deque()
+            surplus = self._nconns - self.minconn
+            for conn in self._idle:  # oldest returned first
+                if conn.expires_at <= now:
+                    to_close.append((conn, CONNECTIONS_EXPIRED))
+                    surplus -= 1
+                elif surplus > 0 and now - conn.returned_at > self.max_idle:
+                    to_close.append((conn, None))
+                    surplus -= 1
+                else:
+                    keep.append(conn)
+            self._idle = keep
+            deficit = 0
+            if now >= self._refill_after:
+                deficit = max(0, self.minconn - self._nconns + len(to_close))
+                deficit = min(deficit, self.maxconn - self._nconns)
+                self._nconns += deficit
+        for conn, reason in to_close:
+            _close_quietly(conn)
+            with self._lock:
+                if reason is not None:
+                    self._stats[reason] += 1
+                self._stats[CONNECTIONS_CLOSED] += 1
+                self._release_slot()
+        for _ in range(deficit):
+            try:
+                conn = self._connect()
+            except Exception as exc:
+                with self._lock:
+                    self._refill_after = time.monotonic() + REFILL_BACKOFF
+                    self._release_slot()
+                logger.warning("pool %s: couldn't open a connection: %s", self.name, exc)
+                continue
+            with self._lock:
+                if not self.closed:
+                    self._make_available(conn)
+                    continue
+                self._release_slot()
+            _close_quietly(conn)
+
+    # -- fork ----------------------------------------------------------------
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's connections without touching their sessions.
+
+        Runs in the child right after fork(), when no other thread exists: the
+        parent's lock may have been held at fork time, so it is not taken.
+        """
+        for conn in [*self._idle, *self._used.values()]:
+            detach_inherited(conn)
+        closed = self.closed
+        self._init_state()
+        self.closed = closed
+
+    # -- statistics ----------------------------------------------------------
+
+    def get_stats(self) -> dict[str, int]:
+        """Return the pool's gauges and counters (psycopg_pool's key names)."""
+        with self._lock:
+            return self._stats_locked()
+
+    def pop_stats(self) -> dict[str, int]:
+        """Return the statistics and reset the counters."""
+        with self._lock:
+            stats = self._stats_locked()
+            self._stats.clear()
+            return stats
+
+    def _stats_locked(self) -> dict[str, int]:
+        return {
+            "pool_min": self.minconn,
+            "pool_max": self.maxconn,
+            "pool_size": self._nconns,
+            "pool_available": len(self._idle),
+            "pool_in_use": len(self._used),
+            "requests_waiting": len(self._waiters),
+            **self._stats,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.name} minconn={self.minconn} maxconn={self.maxconn}"
+            f"{' closed' if self.closed else ''}>"
+        )
+
+
+def detach_inherited(conn: Any) -> None:
+    """Make a connection inherited through fork() harmless to the parent's session.
+
+    Pointing its socket at /dev/null means that closing it here (or its
+    garbage collection) sends nothing to the server, and nothing it sends
+    can be read here.
+    """
+    try:
+        fd = conn.fileno()
+    except Exception:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    _close_quietly(conn)

@@ -1,0 +1,138 @@
+"""The process-global registry of pools.
+
+Why process-global: Django keeps one DatabaseWrapper per alias *per thread*,
+and a pool is only worth having if those threads share it.
+
+Pools are keyed by (process id, keyed hash of the final psycopg2.connect
+parameters and the pool options), not by alias: when the test runner
+switches NAME to the test database, or override_settings changes the time
+zone, the parameters change and a new pool is used; several aliases with the
+same parameters (a TEST MIRROR) share one. The hash is keyed with a random
+per-process secret, so a key shown anywhere reveals nothing of the password.
+
+Lock discipline: ``_lock`` guards ``_pools``. Creating a pool does no I/O
+(pools connect lazily), so it is done under the lock; closing a pool does
+I/O, so pools are removed under the lock and closed after it is released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .options import PoolOptions
+from .pool import ConnectionPool
+from .session import PooledConnection
+
+__all__ = ["PoolEntry", "close_pools", "entries", "get_pool"]
+
+_SECRET = secrets.token_bytes(16)
+
+
+@dataclass
+class PoolEntry:
+    """A pool and what we may show about it (never a password)."""
+
+    key: tuple[int, str]
+    pool: ConnectionPool
+    options: PoolOptions
+    aliases: set[str] = field(default_factory=set)
+    database: dict[str, str] = field(default_factory=dict)
+
+
+_lock = threading.Lock()
+_pools: dict[tuple[int, str], PoolEntry] = {}
+
+
+def _digest(params: dict[str, Any], extra: tuple[Any, ...]) -> str:
+    text = repr((sorted(params.items(), key=lambda item: item[0]), extra))
+    return hashlib.blake2b(text.encode(), key=_SECRET, digest_size=12).hexdigest()
+
+
+def database_of(params: dict[str, Any]) -> dict[str, str]:
+    """Return the identity of the database a set of connect parameters reaches."""
+    return {
+        name: str(params[name]) for name in ("dbname", "host", "port", "user") if params.get(name)
+    }
+
+
+def get_pool(
+    alias: str,
+    params: dict[str, Any],
+    options: PoolOptions,
+    configure: Callable[[PooledConnection], None] | None = None,
+    extra_key: tuple[Any, ...] = (),
+) -> ConnectionPool:
+    """Return this process's pool for these connect parameters, creating it lazily."""
+    key = (os.getpid(), _digest(params, (options, extra_key)))
+    entry = _pools.get(key)  # dict reads are atomic: the common case takes no lock
+    if entry is None or alias not in entry.aliases:
+        with _lock:
+            entry = _pools.get(key)
+            if entry is None:
+                database = database_of(params)
+                pool = ConnectionPool(
+                    options.minconn,
+                    options.maxconn,
+                    name=f"database {alias!r}",
+                    timeout=options.timeout,
+                    max_waiting=options.max_waiting,
+                    max_lifetime=options.max_lifetime,
+                    max_idle=options.max_idle,
+                    check_after=options.check_after,
+                    reset=options.reset,
+                    configure=configure,
+                    **params,
+                )
+                entry = PoolEntry(key, pool, options, database=database)
+                _pools[key] = entry
+            entry.aliases.add(alias)
+    return entry.pool
+
+
+def entries(alias: str | None = None) -> list[PoolEntry]:
+    """Return this process's live pools, for one alias or all."""
+    pid = os.getpid()
+    with _lock:
+        return [
+            e for e in _pools.values() if e.key[0] == pid and (alias is None or alias in e.aliases)
+        ]
+
+
+def close_pools(alias: str | None = None, database: dict[str, str] | None = None) -> int:
+    """Close this process's pools for an alias and/or a database; return how many.
+
+    Idle connections close now, borrowed ones when they are returned. The
+    next borrow creates a fresh pool.
+    """
+    pid = os.getpid()
+    with _lock:
+        closing = [
+            e
+            for e in _pools.values()
+            if e.key[0] == pid
+            and (alias is None or alias in e.aliases)
+            and (database is None or all(e.database.get(k) == v for k, v in database.items()))
+        ]
+        for entry in closing:
+            del _pools[entry.key]
+    for entry in closing:
+        entry.pool.closeall()
+    return len(closing)
+
+
+def _after_fork_in_child() -> None:
+    # The parent's lock may be held by one of its threads at fork time. Its
+    # pools are the parent's: wrappers still holding one of their connections
+    # hand it back to the pool object itself, which detaches it.
+    global _lock
+    _lock = threading.Lock()
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
