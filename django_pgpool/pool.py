@@ -9,7 +9,8 @@ attribute of the pool: ``_idle``, ``_used``, ``_keys``, ``_nconns``,
 ``_waiters``, ``_stats``, ``closed`` and ``_refill_after``. It is held only for
 bookkeeping: never during a connect, a query, a reset or a close (network
 I/O), so a slow server never blocks the threads that could be served from
-idle connections.
+idle connections. (The one system call made under it is a zero-timeout
+``poll()`` of idle sockets during maintenance, which never blocks.)
 
 A connection being opened, checked, reset or closed is outside both
 ``_idle`` and ``_used`` but still counted in ``_nconns``: its *slot* is
@@ -264,11 +265,12 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         now = time.monotonic()
         if conn.expires_at <= now:
             return CONNECTIONS_EXPIRED
-        if now - conn.returned_at <= self.check_after:
-            return None
         try:
+            # Free (no round trip): a backend that was terminated has said so.
             if _has_pending_input(conn):
                 return CONNECTIONS_LOST
+            if now - conn.returned_at <= self.check_after:
+                return None
             with conn.cursor() as cur:
                 cur.execute("SELECT 1")
             if not conn.autocommit:
@@ -428,6 +430,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             for conn in self._idle:  # oldest returned first
                 if conn.expires_at <= now:
                     to_close.append((conn, CONNECTIONS_EXPIRED))
+                    surplus -= 1
+                elif conn.closed or _has_pending_input(conn):
+                    to_close.append((conn, CONNECTIONS_LOST))
                     surplus -= 1
                 elif surplus > 0 and now - conn.returned_at > self.max_idle:
                     to_close.append((conn, None))
