@@ -85,6 +85,10 @@ def dirty_dict_cursor(conn: Any) -> None:
         cur.execute("SET statement_timeout = 1234")
 
 
+ADVISORY_LOCKS = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+)
+
 # (what a borrower does, how the next borrower checks it's gone)
 LEAKS: dict[str, tuple[Callable[[Any], None], Callable[[Any], bool]]] = {
     "open transaction": (
@@ -129,10 +133,7 @@ LEAKS: dict[str, tuple[Callable[[Any], None], Callable[[Any], bool]]] = {
     ),
     "advisory lock": (
         dirty_set("SELECT pg_advisory_lock(4242)"),
-        lambda c: scalar(
-            c, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
-        )
-        == 0,
+        lambda c: scalar(c, ADVISORY_LOCKS) == 0,
     ),
     "LISTEN": (
         dirty_set("LISTEN leaky_channel"),
@@ -230,9 +231,7 @@ def borrow_and_query(pool: ConnectionPool, sql: str = "SELECT 1") -> None:
     pool.putconn(conn)
 
 
-def test_a_clean_connection_costs_no_extra_round_trip(
-    make_pool: MakePool, proxy: TcpProxy
-) -> None:
+def test_a_clean_connection_costs_no_extra_round_trip(make_pool: MakePool, proxy: TcpProxy) -> None:
     pool = proxied_pool(make_pool, proxy)
     borrow_and_query(pool)  # warm up: open the connection
     with proxy.counting() as sent:
