@@ -82,13 +82,19 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
             self._pgpool_options = cached
         return cached[1]
 
+    @property
+    def pool(self) -> None:
+        """Django's psycopg 3 pool: never used here (truthy would change Django's code paths)."""
+        return None
+
     def get_connection_params(self) -> dict[str, Any]:
+        if self.pooled:
+            self.pool_options()  # before Django reads OPTIONS (e.g. its own 'pool')
         params: dict[str, Any] = super().get_connection_params()
         for key in POOL_KEYS:
             params.pop(key, None)
         if not self.pooled:
             return params
-        self.pool_options()
         # Give the session its time zone and role at connect time: Django then
         # finds nothing to SET at each borrow, and DISCARD ALL keeps them.
         startup = []
@@ -155,7 +161,6 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         Django's test-database code calls this before CREATE DATABASE ...
         TEMPLATE and DROP DATABASE, which need no other session on it.
         """
-        super().close_pool()
         if not self.pooled:
             return
         params = super().get_connection_params()

@@ -84,15 +84,15 @@ STATS_KEYS = (
 )
 
 
-def add_database_argument(parser: ArgumentParser, verb: str) -> None:
-    """Add the repeatable ``--database ALIAS`` option."""
+def add_database_argument(parser: ArgumentParser, action: str) -> None:
+    """Add the repeatable ``--database ALIAS`` option; ``action`` says what it does."""
     parser.add_argument(
         "--database",
         action="append",
         dest="databases",
         metavar="ALIAS",
-        help=f"{verb} this database only (repeatable). Default: every database whose "
-        f"ENGINE is {ENGINES[0]!r}.",
+        help=f"{action}; repeat it for several. Default: every database whose ENGINE is "
+        f"{ENGINES[0]!r}.",
     )
 
 

@@ -21,7 +21,7 @@ class Command(BaseCommand):
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        add_database_argument(parser, "Close the pools of")
+        add_database_argument(parser, "Close only this database's pools")
 
     def handle(self, *, databases: list[str] | None, **options: Any) -> None:
         aliases = selected_aliases(databases)

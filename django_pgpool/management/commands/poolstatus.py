@@ -65,7 +65,7 @@ class Command(BaseCommand):
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        add_database_argument(parser, "Show")
+        add_database_argument(parser, "Show only this database")
         parser.add_argument(
             "--format",
             choices=["text", "json"],
@@ -90,8 +90,8 @@ class Command(BaseCommand):
 
     def _write_text(self, report: dict[str, dict[str, Any]]) -> None:
         self.stdout.write(
-            f"Pools of this process (pid {os.getpid()}); every process has its own pools, "
-            "and other processes' are not shown."
+            f"Pools of process {os.getpid()} (each process has its own; "
+            "other processes' pools are not shown)."
         )
         if not report:
             self.stdout.write("No database uses ENGINE 'django_pgpool'.")
