@@ -142,13 +142,14 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         # Pooled connections got the role at connect time (libpq options).
         if self.pooled:
             return False
-        result: bool = super()._configure_role(connection)
+        result: bool = super()._configure_role(connection)  # type: ignore[misc]
         return result
 
     def _close(self) -> None:
         pool, self._pgpool = self._pgpool, None
         if pool is None or self.connection is None:
-            return super()._close()  # type: ignore[no-any-return]
+            super()._close()  # type: ignore[misc]
+            return None
         # Inside atomic() Django keeps self.connection after close(): it must
         # then never be lent to anyone else, so it is closed, not kept.
         with self.wrap_database_errors:

@@ -14,7 +14,7 @@ import psycopg2.pool
 __all__ = ["PoolClosed", "PoolError", "PoolTimeout", "TooManyRequests"]
 
 
-class PoolError(psycopg2.OperationalError, psycopg2.pool.PoolError):  # type: ignore[misc]
+class PoolError(psycopg2.OperationalError, psycopg2.pool.PoolError):
     """Base class of the errors raised by the pool."""
 
 

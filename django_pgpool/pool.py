@@ -327,8 +327,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
     # -- returning -----------------------------------------------------------
 
-    def putconn(
-        self, conn: PooledConnection, key: Hashable | None = None, close: bool = False
+    def putconn(  # type: ignore[override]
+        self,
+        conn: PooledConnection,  # type: ignore[override]
+        key: Hashable | None = None,
+        close: bool = False,
     ) -> None:
         """Give ``conn`` back. Broken connections are discarded, never raised about.
 

@@ -85,6 +85,8 @@ def changes_session(sql: Any) -> bool:
 class TrackingCursor(ext.cursor):
     """The cursor class of pooled connections: marks the connection dirty when needed."""
 
+    connection: PooledConnection
+
     def execute(self, query: Any, vars: Any = None) -> None:
         if self.withhold or changes_session(query):
             self.connection.session_dirty = True

@@ -148,12 +148,19 @@ def shown_options(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _shown_name(name: str) -> str:
+    # libpq takes a dbname holding "=" or a postgres:// URI as a connection
+    # string, which may carry a password.
+    return HIDDEN if "=" in name or "://" in name else name
+
+
 def database_identity(alias: str) -> dict[str, Any]:
     """Return the database an alias reaches (NAME, HOST, PORT, USER, OPTIONS), no password."""
     settings_dict = _wrapper(alias).settings_dict
     identity: dict[str, Any] = {
         key: str(settings_dict.get(key) or "") for key in ("NAME", "HOST", "PORT", "USER")
     }
+    identity["NAME"] = _shown_name(identity["NAME"])
     identity["OPTIONS"] = shown_options(settings_dict.get("OPTIONS") or {})
     return identity
 
@@ -163,8 +170,7 @@ def pool_stats(entry: PoolEntry) -> dict[str, Any]:
     stats = entry.pool.get_stats()
     figures = {key: stats.get(key, 0) for key in STATS_KEYS}
     figures.update(stats)  # keep any figure added to the pool after this list
-    return {
-        "aliases": sorted(entry.aliases),
-        "database": dict(entry.database),
-        **figures,
-    }
+    database = dict(entry.database)
+    if "dbname" in database:
+        database["dbname"] = _shown_name(database["dbname"])
+    return {"aliases": sorted(entry.aliases), "database": database, **figures}
