@@ -98,8 +98,11 @@ class _Waiter:
 def _has_pending_input(conn: PooledConnection) -> bool:
     """Return True if an idle connection's socket is readable: the server spoke
     (an idle session only hears from it on a fatal error) or closed it."""
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    poller = conn.poller
+    if poller is None:
+        # Kept per connection: only the thread holding the connection polls it.
+        poller = conn.poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     return bool(poller.poll(0))
 
 
@@ -349,7 +352,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     "(returned twice, or taken from another pool)"
                 )
             del self._used[id(conn)]
-            if key is None:
+            if key is None and self._keys:
                 key = next((k for k, c in self._keys.items() if c is conn), None)
             if key is not None:
                 self._keys.pop(key, None)

@@ -26,6 +26,7 @@ session state on its own) is the documented limit of ``reset="auto"``.
 from __future__ import annotations
 
 import re
+import select
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +136,7 @@ class PooledConnection(ext.connection):
     returned_at: float
     borrowed_at: float
     pool_pid: int
+    poller: select.poll | None
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
@@ -142,6 +144,7 @@ class PooledConnection(ext.connection):
         self.baseline = None
         self.created_at = self.expires_at = self.returned_at = self.borrowed_at = 0.0
         self.pool_pid = 0
+        self.poller = None
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         factory = kwargs.get("cursor_factory")
@@ -159,25 +162,30 @@ class Baseline:
     readonly: bool | None
     deferrable: bool | None
     cursor_factory: Any
-    parameters: tuple[tuple[str, str | None], ...]
+    parameter_names: tuple[str, ...]
+    parameter_values: tuple[str | None, ...]
     typecasters: frozenset[Any]
 
     @classmethod
     def capture(cls, conn: PooledConnection) -> Baseline:
+        status = conn.info.parameter_status
+        # Only what this server reports (search_path from PostgreSQL 18 on).
+        names = tuple(name for name in _REPORTED if status(name) is not None)
         return cls(
             autocommit=conn.autocommit,
             isolation_level=conn.isolation_level,
             readonly=conn.readonly,
             deferrable=conn.deferrable,
             cursor_factory=conn.cursor_factory,
-            parameters=_reported_parameters(conn),
+            parameter_names=names,
+            parameter_values=_reported_values(conn, names),
             typecasters=frozenset(conn.string_types),
         )
 
 
-def _reported_parameters(conn: PooledConnection) -> tuple[tuple[str, str | None], ...]:
+def _reported_values(conn: PooledConnection, names: tuple[str, ...]) -> tuple[str | None, ...]:
     status = conn.info.parameter_status
-    return tuple((name, status(name)) for name in _REPORTED)
+    return tuple([status(name) for name in names])
 
 
 def _session_flags_changed(conn: PooledConnection, base: Baseline) -> bool:
@@ -219,7 +227,7 @@ def reset_session(conn: PooledConnection, always: bool) -> bool:
             or conn.session_dirty
             or bool(conn.notifies)
             or _session_flags_changed(conn, base)
-            or _reported_parameters(conn) != base.parameters
+            or _reported_values(conn, base.parameter_names) != base.parameter_values
         )
         if dirty:
             # ABORT (if psycopg2 opened a transaction) + DISCARD ALL; session
