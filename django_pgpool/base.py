@@ -6,6 +6,8 @@ introspection, schema editor, test-database creation) is Django's own.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 import psycopg2.extras
@@ -17,7 +19,7 @@ from django.utils.asyncio import async_unsafe
 
 from . import registry
 from .options import POOL_KEYS, PoolOptions, parse_options
-from .pool import ConnectionPool
+from .pool import ConnectionPool, detach_inherited
 from .session import PooledConnection
 
 __all__ = ["DatabaseWrapper"]
@@ -88,12 +90,12 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         return None
 
     def get_connection_params(self) -> dict[str, Any]:
-        if self.pooled:
-            self.pool_options()  # before Django reads OPTIONS (e.g. its own 'pool')
+        # Validate before Django reads OPTIONS (e.g. its own 'pool').
+        options = self.pool_options() if self.pooled else None
         params: dict[str, Any] = super().get_connection_params()
         for key in POOL_KEYS:
             params.pop(key, None)
-        if not self.pooled:
+        if options is None:
             return params
         # Give the session its time zone and role at connect time: Django then
         # finds nothing to SET at each borrow, and DISCARD ALL keeps them.
@@ -104,6 +106,11 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
             startup.append(f"-c role={_escape_startup_value(str(role))}")
         if startup:
             params["options"] = " ".join([params.get("options", ""), *startup]).strip()
+        # libpq waits forever for an unreachable server by default; a borrower
+        # opening a connection must give up in about the pool's timeout.
+        params.setdefault(
+            "connect_timeout", max(2, math.ceil(min(self.pool_options().timeout, 10)))
+        )
         return params
 
     def _isolation_level(self) -> int | None:
@@ -137,6 +144,16 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         connection = pool.getconn()
         self._pgpool = pool
         return connection
+
+    def ensure_connection(self) -> None:
+        connection = self.connection
+        if connection is not None and getattr(connection, "pool_pid", 0) not in (0, os.getpid()):
+            # Inherited through fork(): the session is the parent's. Forget it
+            # (harmlessly) and borrow one of this process's own.
+            detach_inherited(connection)
+            self.connection = None
+            self._pgpool = None
+        super().ensure_connection()
 
     def _configure_role(self, connection: Any) -> bool:
         # Pooled connections got the role at connect time (libpq options).

@@ -38,6 +38,7 @@ class PoolOptions:
     max_idle: float = 600.0
     check_after: float = 1.0
     reset: ResetMode = "auto"
+    leak_timeout: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -109,6 +110,14 @@ def option_problems(alias: str, options: Mapping[str, Any], conn_max_age: Any = 
             or (key in _STRICTLY_POSITIVE and value == 0)
         ):
             bad(key, allowed)
+    leak_timeout = options.get("leak_timeout")
+    if leak_timeout is not None and (
+        isinstance(leak_timeout, bool)
+        or not isinstance(leak_timeout, int | float)
+        or not math.isfinite(leak_timeout)
+        or leak_timeout <= 0
+    ):
+        bad("leak_timeout", "None (off) or a number of seconds > 0")
     if "reset" in options and options["reset"] not in RESET_MODES:
         bad("reset", "one of " + ", ".join(repr(m) for m in RESET_MODES))
 
@@ -158,7 +167,7 @@ def parse_options(alias: str, options: Mapping[str, Any], conn_max_age: Any = 0)
     if problems:
         raise ImproperlyConfigured(problems[0].message)
     given = {key: options[key] for key in POOL_KEYS if key in options}
-    for key in _SECONDS_KEYS:
-        if key in given:
+    for key in (*_SECONDS_KEYS, "leak_timeout"):
+        if given.get(key) is not None:
             given[key] = float(given[key])
     return PoolOptions(**given)

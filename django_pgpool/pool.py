@@ -33,6 +33,7 @@ import random
 import select
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -45,7 +46,7 @@ from . import maintenance
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
 from .session import Baseline, PooledConnection, reset_session, tracking_cursor_class
 
-__all__ = ["ConnectionPool"]
+__all__ = ["STATS_KEYS", "ConnectionPool"]
 
 logger = logging.getLogger("django_pgpool")
 
@@ -64,6 +65,37 @@ CONNECTIONS_ERRORS = "connections_errors"
 CONNECTIONS_LOST = "connections_lost"
 CONNECTIONS_EXPIRED = "connections_expired"
 CONNECTIONS_CLOSED = "connections_closed"
+CONNECTIONS_RECLAIMED = "connections_reclaimed"
+CONNECTIONS_LEAKED = "connections_leaked"
+
+#: Every figure get_stats() returns, in display order: gauges, then counters.
+GAUGE_KEYS = (
+    "pool_min",
+    "pool_max",
+    "pool_size",
+    "pool_available",
+    "pool_in_use",
+    "requests_waiting",
+)
+COUNTER_KEYS = (
+    REQUESTS_NUM,
+    REQUESTS_QUEUED,
+    REQUESTS_WAIT_MS,
+    REQUESTS_ERRORS,
+    REQUESTS_TIMEOUTS,
+    USAGE_MS,
+    RETURNS_BAD,
+    RETURNS_RESET,
+    CONNECTIONS_NUM,
+    CONNECTIONS_MS,
+    CONNECTIONS_ERRORS,
+    CONNECTIONS_LOST,
+    CONNECTIONS_EXPIRED,
+    CONNECTIONS_CLOSED,
+    CONNECTIONS_RECLAIMED,
+    CONNECTIONS_LEAKED,
+)
+STATS_KEYS = GAUGE_KEYS + COUNTER_KEYS
 
 # How long the background refill waits after a failed connect.
 REFILL_BACKOFF = 2.0
@@ -131,6 +163,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         max_idle: float = 600.0,
         check_after: float = 1.0,
         reset: str = "auto",
+        leak_timeout: float | None = None,
         configure: Callable[[PooledConnection], None] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -152,6 +185,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self.max_idle = max_idle
         self.check_after = check_after
         self.reset = reset
+        self.leak_timeout = leak_timeout
         self._configure = configure
 
         factory = kwargs.get("connection_factory") or PooledConnection
@@ -205,6 +239,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             with self._lock:
                 self._used[id(conn)] = conn
         conn.borrowed_at = time.monotonic()
+        conn.borrower = threading.current_thread()
+        conn.leak_reported = False
+        if self.leak_timeout is not None:
+            # Costly (tens of µs), so only when leak detection is on.
+            conn.borrow_stack = "".join(traceback.format_stack(limit=30)[:-1])
         if key is not None:
             with self._lock:
                 self._keys[key] = conn
@@ -235,6 +274,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             waiter = _Waiter()
             self._waiters.append(waiter)
             self._stats[REQUESTS_QUEUED] += 1
+            if any(not c.borrower.is_alive() for c in self._used.values() if c.borrower):
+                # A thread died holding a connection: maintenance frees its
+                # slot, which goes to the longest waiter (maybe this one).
+                maintenance.wake()
 
         waiter.wait(self.timeout - (time.monotonic() - started))
 
@@ -352,6 +395,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     "(returned twice, or taken from another pool)"
                 )
             del self._used[id(conn)]
+            # No longer this thread's: a handed-over connection must not look
+            # orphaned if this thread exits before the waiter runs.
+            conn.borrower = None
             if key is None and self._keys:
                 key = next((k for k, c in self._keys.items() if c is conn), None)
             if key is not None:
@@ -451,6 +497,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 deficit = max(0, self.minconn - self._nconns + len(to_close))
                 deficit = min(deficit, self.maxconn - self._nconns)
                 self._nconns += deficit
+        to_close.extend(self._reclaim_orphans())
+        self._report_leaks(now)
         for conn, reason in to_close:
             _close_quietly(conn)
             with self._lock:
@@ -473,6 +521,49 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     continue
                 self._release_slot()
             _close_quietly(conn)
+
+    def _reclaim_orphans(self) -> list[tuple[PooledConnection, str | None]]:
+        """Take back the connections of borrower threads that have exited.
+
+        Their session state is unknown, so they are closed, never reused; the
+        caller closes them and releases their slots.
+        """
+        with self._lock:
+            orphans = [c for c in self._used.values() if c.borrower and not c.borrower.is_alive()]
+            for conn in orphans:
+                del self._used[id(conn)]
+                self._stats[CONNECTIONS_RECLAIMED] += 1
+        for conn in orphans:
+            logger.warning(
+                "pool %s: thread %r exited without returning its connection; "
+                "closing it and freeing its slot",
+                self.name,
+                conn.borrower.name if conn.borrower else "?",
+            )
+        return [(conn, None) for conn in orphans]
+
+    def _report_leaks(self, now: float) -> None:
+        """Warn once per borrow about connections held longer than leak_timeout."""
+        if self.leak_timeout is None:
+            return
+        with self._lock:
+            leaks = [
+                c
+                for c in self._used.values()
+                if not c.leak_reported and now - c.borrowed_at > self.leak_timeout
+            ]
+            for conn in leaks:
+                conn.leak_reported = True
+                self._stats[CONNECTIONS_LEAKED] += 1
+        for conn in leaks:
+            logger.warning(
+                "pool %s: connection held for %.1f s (leak_timeout=%s) by thread %r, taken at:\n%s",
+                self.name,
+                now - conn.borrowed_at,
+                self.leak_timeout,
+                conn.borrower.name if conn.borrower else "?",
+                conn.borrow_stack,
+            )
 
     # -- fork ----------------------------------------------------------------
 
@@ -503,14 +594,17 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             return stats
 
     def _stats_locked(self) -> dict[str, int]:
+        gauges = (
+            self.minconn,
+            self.maxconn,
+            self._nconns,
+            len(self._idle),
+            len(self._used),
+            len(self._waiters),
+        )
         return {
-            "pool_min": self.minconn,
-            "pool_max": self.maxconn,
-            "pool_size": self._nconns,
-            "pool_available": len(self._idle),
-            "pool_in_use": len(self._used),
-            "requests_waiting": len(self._waiters),
-            **self._stats,
+            **dict(zip(GAUGE_KEYS, gauges, strict=True)),
+            **{key: self._stats[key] for key in COUNTER_KEYS},
         }
 
     def __repr__(self) -> str:

@@ -41,7 +41,8 @@ class PoolEntry:
     key: tuple[int, str]
     pool: ConnectionPool
     options: PoolOptions
-    aliases: set[str] = field(default_factory=set)
+    # Replaced (never mutated) under the registry lock, so readers need no lock.
+    aliases: frozenset[str] = frozenset()
     database: dict[str, str] = field(default_factory=dict)
 
 
@@ -86,12 +87,13 @@ def get_pool(
                     max_idle=options.max_idle,
                     check_after=options.check_after,
                     reset=options.reset,
+                    leak_timeout=options.leak_timeout,
                     configure=configure,
                     **params,
                 )
                 entry = PoolEntry(key, pool, options, database=database)
                 _pools[key] = entry
-            entry.aliases.add(alias)
+            entry.aliases = entry.aliases | {alias}
     return entry.pool
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import select
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,9 @@ class PooledConnection(ext.connection):
     borrowed_at: float
     pool_pid: int
     poller: select.poll | None
+    borrower: threading.Thread | None
+    borrow_stack: str
+    leak_reported: bool
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
@@ -145,6 +149,9 @@ class PooledConnection(ext.connection):
         self.created_at = self.expires_at = self.returned_at = self.borrowed_at = 0.0
         self.pool_pid = 0
         self.poller = None
+        self.borrower = None
+        self.borrow_stack = ""
+        self.leak_reported = False
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         factory = kwargs.get("cursor_factory")

@@ -16,12 +16,12 @@ from django.db import connections
 
 from ..base import DatabaseWrapper
 from ..options import POOL_KEYS
+from ..pool import STATS_KEYS
 from ..registry import PoolEntry
 
 __all__ = [
     "ENGINES",
     "HIDDEN",
-    "STATS_KEYS",
     "add_database_argument",
     "database_identity",
     "pool_config",
@@ -56,31 +56,6 @@ SHOWN_OPTIONS = frozenset(
         "sslmode",
         "target_session_attrs",
     }
-)
-
-#: Every figure of ConnectionPool.get_stats(), in display order; counters the
-#: pool has not incremented yet are absent from get_stats() and shown as 0.
-STATS_KEYS = (
-    "pool_min",
-    "pool_max",
-    "pool_size",
-    "pool_available",
-    "pool_in_use",
-    "requests_waiting",
-    "requests_num",
-    "requests_queued",
-    "requests_wait_ms",
-    "requests_errors",
-    "requests_timeouts",
-    "usage_ms",
-    "returns_bad",
-    "returns_reset",
-    "connections_num",
-    "connections_ms",
-    "connections_errors",
-    "connections_lost",
-    "connections_expired",
-    "connections_closed",
 )
 
 
@@ -168,7 +143,7 @@ def database_identity(alias: str) -> dict[str, Any]:
 def pool_stats(entry: PoolEntry) -> dict[str, Any]:
     """Return a pool's identity and every figure of get_stats() (0 for unset counters)."""
     stats = entry.pool.get_stats()
-    figures = {key: stats.get(key, 0) for key in STATS_KEYS}
+    figures = {key: stats[key] for key in STATS_KEYS}
     figures.update(stats)  # keep any figure added to the pool after this list
     database = dict(entry.database)
     if "dbname" in database:
