@@ -573,8 +573,15 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         Runs in the child right after fork(), when no other thread exists: the
         parent's lock may have been held at fork time, so it is not taken.
         """
-        for conn in [*self._idle, *self._used.values()]:
+        for conn in self._idle:
             detach_inherited(conn)
+        for conn in self._used.values():
+            # Another parent thread may have been inside a query on it at fork
+            # time: psycopg2's per-connection mutex is then copied locked, and
+            # close() (or freeing it) would block forever. Point its socket at
+            # /dev/null and keep the object alive for the life of this process.
+            detach_inherited(conn, close=False)
+            _INHERITED_BUSY.append(conn)
         closed = self.closed
         self._init_state()
         self.closed = closed
@@ -614,7 +621,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         )
 
 
-def detach_inherited(conn: Any) -> None:
+# Connections checked out in the parent when it forked (see after_fork_in_child).
+_INHERITED_BUSY: list[Any] = []
+
+
+def detach_inherited(conn: Any, close: bool = True) -> None:
     """Make a connection inherited through fork() harmless to the parent's session.
 
     Pointing its socket at /dev/null means that closing it here (or its
@@ -630,4 +641,5 @@ def detach_inherited(conn: Any) -> None:
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
-    _close_quietly(conn)
+    if close:
+        _close_quietly(conn)
