@@ -6,11 +6,13 @@ introspection, schema editor, test-database creation) is Django's own.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
 
 import psycopg2.extras
+from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.postgresql.base import DatabaseWrapper as PostgresDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
@@ -24,6 +26,8 @@ from .session import PooledConnection
 
 __all__ = ["DatabaseWrapper"]
 
+logger = logging.getLogger("django_pgpool")
+
 # django.db.backends.base.base.NO_DB_ALIAS: the alias of the short-lived
 # connection Django opens for CREATE/DROP DATABASE. Never pooled: it must
 # not linger on the maintenance database.
@@ -36,6 +40,23 @@ PSYCOPG3_MESSAGE = (
     "ENGINE 'django_pgpool', or use ENGINE 'django.db.backends.postgresql' with "
     "OPTIONS['pool'] for Django's own psycopg 3 pool."
 )
+
+
+NOT_INSTALLED_MESSAGE = (
+    "DATABASES uses ENGINE 'django_pgpool' but 'django_pgpool' is not in INSTALLED_APPS: "
+    "manage.py poolstatus, manage.py poolclose and the pool's system checks are "
+    "unavailable. Add 'django_pgpool' to INSTALLED_APPS."
+)
+_warned_not_installed = False
+
+
+def _warn_if_app_not_installed() -> None:
+    """Say once per process that the commands and checks need the app installed."""
+    global _warned_not_installed
+    if _warned_not_installed or not apps.ready or apps.is_installed("django_pgpool"):
+        return
+    _warned_not_installed = True
+    logger.warning(NOT_INSTALLED_MESSAGE)
 
 
 def _json_passthrough(value: Any) -> Any:
@@ -64,6 +85,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         if is_psycopg3:
             raise ImproperlyConfigured(PSYCOPG3_MESSAGE)
         super().__init__(settings_dict, alias)
+        _warn_if_app_not_installed()
         # The pool the current connection was borrowed from: it may no longer
         # be the registry's pool for these settings when it is returned.
         self._pgpool: ConnectionPool | None = None

@@ -310,3 +310,15 @@ def test_reset_always_adds_exactly_one_round_trip(
     sent = round_trips(proxy, alias, pk)
     assert len(sent) == 5
     assert sent[-1] == "DISCARD ALL"
+
+
+def test_using_the_engine_without_the_app_installed_says_what_to_add(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(base, "_warned_not_installed", False)
+    with override_settings(INSTALLED_APPS=["django.contrib.contenttypes", "tests.testapp"]):
+        wrapper_with()
+        wrapper_with()
+    messages = [r.getMessage() for r in caplog.records if r.name == "django_pgpool"]
+    assert messages == [base.NOT_INSTALLED_MESSAGE]
+    assert "Add 'django_pgpool' to INSTALLED_APPS" in messages[0]
