@@ -211,6 +211,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self._waiters: deque[_Waiter] = deque()
         self._stats: Counter[str] = Counter()
         self._refill_after = 0.0
+        # Connections opened before this (monotonic) time are retired: closed
+        # at return or borrow instead of being reused (reconnect()).
+        self._reconnected_at = 0.0
 
     # -- borrowing -----------------------------------------------------------
 
@@ -309,7 +312,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         if conn.closed:
             return CONNECTIONS_LOST
         now = time.monotonic()
-        if conn.expires_at <= now:
+        if conn.expires_at <= now or conn.created_at < self._reconnected_at:
             return CONNECTIONS_EXPIRED
         try:
             # Free (no round trip): a backend that was terminated has said so.
@@ -408,7 +411,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         reason = None
         if closing:
             pass
-        elif conn.expires_at <= time.monotonic():
+        elif conn.expires_at <= time.monotonic() or conn.created_at < self._reconnected_at:
             reason = CONNECTIONS_EXPIRED
         else:
             dirty_before = conn.session_dirty
@@ -453,6 +456,30 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
     # -- closing -------------------------------------------------------------
 
+    def reconnect(self) -> None:
+        """Replace every connection, gracefully (PgBouncer's RECONNECT).
+
+        Idle connections are closed now, borrowed ones when they are
+        returned; the pool keeps serving with new connections meanwhile.
+        """
+        with self._lock:
+            self._reconnected_at = time.monotonic()
+            idle = list(self._idle)
+            self._idle.clear()
+            self._stats[CONNECTIONS_EXPIRED] += len(idle)
+            self._stats[CONNECTIONS_CLOSED] += len(idle)
+        for conn in idle:
+            _close_quietly(conn)
+        with self._lock:
+            for _ in idle:
+                self._release_slot()
+        maintenance.wake()  # refill minconn with new connections
+
+    def retired_in_use(self) -> int:
+        """Return how many connections opened before the last reconnect() are still out."""
+        with self._lock:
+            return sum(1 for c in self._used.values() if c.created_at < self._reconnected_at)
+
     def closeall(self) -> None:
         """Close idle connections now and the others as they are returned. Idempotent."""
         with self._lock:
@@ -480,7 +507,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             keep: deque[PooledConnection] = deque()
             surplus = self._nconns - self.minconn
             for conn in self._idle:  # oldest returned first
-                if conn.expires_at <= now:
+                if conn.expires_at <= now or conn.created_at < self._reconnected_at:
                     to_close.append((conn, CONNECTIONS_EXPIRED))
                     surplus -= 1
                 elif conn.closed or _has_pending_input(conn):

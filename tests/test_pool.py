@@ -381,3 +381,21 @@ def test_get_stats_uses_psycopg_pool_names_and_pop_stats_resets_counters(
 def test_bad_sizes_are_refused(args: tuple[Any, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ConnectionPool(*args)
+
+
+def test_reconnect_closes_idle_now_and_borrowed_ones_when_returned(make_pool: MakePool) -> None:
+    pool = make_pool(0, 3)
+    idle, borrowed = pool.getconn(), pool.getconn()
+    borrowed_pid = backend_pid(borrowed)
+    pool.putconn(idle)
+    pool.reconnect()
+    assert idle.closed
+    assert backend_pid(borrowed) == borrowed_pid  # a borrower is never interrupted
+    assert pool.retired_in_use() == 1
+    pool.putconn(borrowed)
+    assert borrowed.closed
+    assert pool.retired_in_use() == 0
+    fresh = pool.getconn()  # the pool keeps serving, with new connections
+    assert backend_pid(fresh) != borrowed_pid
+    pool.putconn(fresh)
+    assert not pool.closed
