@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import socket
 from typing import Any
 
 import psycopg2.extras
@@ -27,6 +29,7 @@ from .session import PooledConnection
 __all__ = ["DatabaseWrapper"]
 
 logger = logging.getLogger("django_pgpool")
+HOSTNAME = socket.gethostname()
 
 # django.db.backends.base.base.NO_DB_ALIAS: the alias of the short-lived
 # connection Django opens for CREATE/DROP DATABASE. Never pooled: it must
@@ -57,6 +60,22 @@ def _warn_if_app_not_installed() -> None:
         return
     _warned_not_installed = True
     logger.warning(NOT_INSTALLED_MESSAGE)
+
+
+# The tag every pooled session carries in application_name, so that the
+# server's view (pg_stat_activity) tells whose connection it is, across hosts.
+TAG_PATTERN = re.compile(r"\[pgpool (?P<alias>[^@\]]+)@(?P<host>[^:\]]*):(?P<pid>\d+)\]$")
+_APPLICATION_NAME_MAX = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
+
+
+def application_name(alias: str, own: str | None) -> str:
+    """Return ``"<own name> [pgpool <alias>@<host>:<pid>]"``, shortened to fit 63 bytes."""
+    tag = f"[pgpool {alias[:20]}@{HOSTNAME[:24]}:{os.getpid()}]"
+    if not own:
+        return tag
+    room = _APPLICATION_NAME_MAX - len(tag.encode()) - 1
+    shortened = own.encode()[:room].decode(errors="ignore")
+    return f"{shortened} {tag}" if shortened else tag
 
 
 def _json_passthrough(value: Any) -> Any:
@@ -128,6 +147,9 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
             startup.append(f"-c role={_escape_startup_value(str(role))}")
         if startup:
             params["options"] = " ".join([params.get("options", ""), *startup]).strip()
+        params["application_name"] = application_name(
+            self.alias, params.get("application_name") or os.environ.get("PGAPPNAME")
+        )
         # libpq waits forever for an unreachable server by default; a borrower
         # opening a connection must give up in about the pool's timeout.
         params.setdefault(

@@ -17,12 +17,13 @@ import logging
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
 
-__all__ = ["INTERVAL", "register", "wake"]
+__all__ = ["INTERVAL", "add_hook", "register", "remove_hook", "wake"]
 
 logger = logging.getLogger("django_pgpool")
 
@@ -31,6 +32,8 @@ INTERVAL = 1.0
 
 _lock = threading.Lock()
 _pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+# Called after each round (e.g. to publish status snapshots); never raise out.
+_hooks: list[Callable[[], None]] = []
 _thread: threading.Thread | None = None
 _wakeup = threading.Event()
 
@@ -40,6 +43,19 @@ def register(pool: ConnectionPool) -> None:
     with _lock:
         _pools.add(pool)
     wake()
+
+
+def add_hook(hook: Callable[[], None]) -> None:
+    """Run ``hook`` in the maintenance thread after every round (once per hook)."""
+    with _lock:
+        if hook not in _hooks:
+            _hooks.append(hook)
+
+
+def remove_hook(hook: Callable[[], None]) -> None:
+    with _lock:
+        if hook in _hooks:
+            _hooks.remove(hook)
 
 
 def wake() -> None:
@@ -58,11 +74,17 @@ def _run() -> None:
         _wakeup.clear()
         with _lock:
             pools = list(_pools)
+            hooks = list(_hooks)
         for pool in pools:
             try:
                 pool.maintain()
             except Exception:
                 logger.exception("pool %s: maintenance failed", pool.name)
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                logger.exception("maintenance hook %r failed", hook)
 
 
 def _after_fork_in_child() -> None:

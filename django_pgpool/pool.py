@@ -107,11 +107,12 @@ class _Waiter:
     """A caller in line. The pool fills in ``conn``, ``granted`` or ``error``
     under the pool lock, then calls ``wake()``; only the waiter reads them."""
 
-    __slots__ = ("_ready", "conn", "error", "granted")
+    __slots__ = ("_ready", "conn", "error", "granted", "since")
 
     def __init__(self) -> None:
         self._ready = threading.Lock()
         self._ready.acquire()
+        self.since = time.monotonic()
         self.conn: PooledConnection | None = None
         self.granted = False  # a slot to open a new connection in
         self.error: BaseException | None = None
@@ -474,6 +475,29 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             for _ in idle:
                 self._release_slot()
         maintenance.wake()  # refill minconn with new connections
+
+    def activity(self) -> dict[str, Any]:
+        """Return the stats plus what is going on right now (for status snapshots)."""
+        now = time.monotonic()
+        with self._lock:
+            stats: dict[str, Any] = self._stats_locked()
+            longest_wait = now - self._waiters[0].since if self._waiters else 0.0
+            oldest = min(self._used.values(), key=lambda c: c.borrowed_at, default=None)
+            retired = sum(1 for c in self._used.values() if c.created_at < self._reconnected_at)
+            oldest_checkout = (
+                {
+                    "age_s": round(now - oldest.borrowed_at, 3),
+                    "thread": oldest.borrower.name if oldest.borrower else None,
+                }
+                if oldest is not None
+                else None
+            )
+        return {
+            **stats,
+            "longest_wait_s": round(longest_wait, 3),
+            "oldest_checkout": oldest_checkout,
+            "retired_in_use": retired,
+        }
 
     def retired_in_use(self) -> int:
         """Return how many connections opened before the last reconnect() are still out."""

@@ -93,6 +93,9 @@ def get_pool(
                 )
                 entry = PoolEntry(key, pool, options, database=database)
                 _pools[key] = entry
+                from . import status  # Django-aware; imported here to avoid a cycle
+
+                status.start_publishing()
             entry.aliases = entry.aliases | {alias}
     return entry.pool
 

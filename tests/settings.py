@@ -6,6 +6,9 @@ cluster started from the installed PostgreSQL binaries (tests/pgserver.py).
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 from tests.pgserver import ensure_server
 
 SERVER = ensure_server()
@@ -48,3 +51,6 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "loggers": {"django_pgpool": {"handlers": ["console"], "level": "WARNING"}},
 }
+
+# A private status directory for this test run (poolstatus across processes).
+PGPOOL_STATUS_DIR = os.path.join(tempfile.mkdtemp(prefix="pgpool-status-"), "status")
