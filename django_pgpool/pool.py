@@ -97,6 +97,9 @@ COUNTER_KEYS = (
 )
 STATS_KEYS = GAUGE_KEYS + COUNTER_KEYS
 
+# Waits at least this long are logged as warnings.
+SLOW_WAIT_MS = 1000
+
 # How long the background refill waits after a failed connect.
 REFILL_BACKOFF = 2.0
 # Relative jitter on max_lifetime, so connections opened together don't expire together.
@@ -137,6 +140,15 @@ def _has_pending_input(conn: PooledConnection) -> bool:
         poller = conn.poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     return bool(poller.poll(0))
+
+
+def _why(reason: str | None, closing: bool) -> str:
+    """Say in words why a connection was closed, for the DEBUG log."""
+    if reason is not None:
+        return {RETURNS_BAD: "broken or failed its reset"}.get(
+            reason, reason.removeprefix("connections_")
+        )
+    return "pool closed" if closing else "surplus idle"
 
 
 def _close_quietly(conn: PooledConnection) -> None:
@@ -216,6 +228,21 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         # at return or borrow instead of being reused (reconnect()).
         self._reconnected_at = 0.0
 
+    # -- logging -------------------------------------------------------------
+
+    def _log(self, level: int, message: str, *args: Any) -> None:
+        """Log with the pool's name and the process id, in the text and on the record."""
+        if logger.isEnabledFor(level):
+            pid = os.getpid()
+            logger.log(
+                level,
+                "pool %s (pid %d): " + message,
+                self.name,
+                pid,
+                *args,
+                extra={"pool": self.name, "pid": pid},
+            )
+
     # -- borrowing -----------------------------------------------------------
 
     def getconn(self, key: Hashable | None = None) -> PooledConnection:
@@ -238,7 +265,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     del self._used[id(conn)]
                     self._stats[problem] += 1
                     self._stats[CONNECTIONS_CLOSED] += 1
-                logger.debug("pool %s: %s connection replaced at borrow", self.name, problem)
+                self._log(
+                    logging.DEBUG,
+                    "%s connection closed at borrow",
+                    problem.removeprefix("connections_"),
+                )
             conn = self._open_in_reserved_slot()
             with self._lock:
                 self._used[id(conn)] = conn
@@ -299,10 +330,17 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     "OPTIONS['timeout'], or return connections sooner"
                 )
         if not waiter.served:
-            logger.error("pool %s: %s", self.name, message)
+            self._log(logging.ERROR, "%s", message)
             raise PoolTimeout(message)
         if waiter.error is not None:
             raise waiter.error
+        if waited_ms >= SLOW_WAIT_MS:
+            self._log(
+                logging.WARNING,
+                "waited %.1f s for a connection (maxconn=%d); consider raising maxconn",
+                waited_ms / 1000,
+                self.maxconn,
+            )
         return waiter.conn
 
     def _problem(self, conn: PooledConnection) -> str | None:
@@ -372,7 +410,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         with self._lock:
             self._stats[CONNECTIONS_NUM] += 1
             self._stats[CONNECTIONS_MS] += int((now - started) * 1000)
-        logger.debug("pool %s: connection opened in %.1f ms", self.name, (now - started) * 1000)
+        self._log(logging.DEBUG, "connection opened in %.1f ms", (now - started) * 1000)
         return conn
 
     # -- returning -----------------------------------------------------------
@@ -428,6 +466,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 reason = RETURNS_BAD
 
         _close_quietly(conn)
+        self._log(logging.DEBUG, "connection closed at return (%s)", _why(reason, closing))
         with self._lock:
             if reason is not None:
                 self._stats[reason] += 1
@@ -552,6 +591,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self._report_leaks(now)
         for conn, reason in to_close:
             _close_quietly(conn)
+            self._log(logging.DEBUG, "idle connection closed (%s)", _why(reason, False))
             with self._lock:
                 if reason is not None:
                     self._stats[reason] += 1
@@ -564,7 +604,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 with self._lock:
                     self._refill_after = time.monotonic() + REFILL_BACKOFF
                     self._release_slot()
-                logger.warning("pool %s: couldn't open a connection: %s", self.name, exc)
+                self._log(logging.WARNING, "couldn't open a connection: %s", exc)
                 continue
             with self._lock:
                 if not self.closed:
@@ -585,10 +625,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 del self._used[id(conn)]
                 self._stats[CONNECTIONS_RECLAIMED] += 1
         for conn in orphans:
-            logger.warning(
-                "pool %s: thread %r exited without returning its connection; "
-                "closing it and freeing its slot",
-                self.name,
+            self._log(
+                logging.WARNING,
+                "thread %r exited without returning its connection; closing it and "
+                "freeing its slot",
                 conn.borrower.name if conn.borrower else "?",
             )
         return [(conn, None) for conn in orphans]
@@ -607,9 +647,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 conn.leak_reported = True
                 self._stats[CONNECTIONS_LEAKED] += 1
         for conn in leaks:
-            logger.warning(
-                "pool %s: connection held for %.1f s (leak_timeout=%s) by thread %r, taken at:\n%s",
-                self.name,
+            self._log(
+                logging.WARNING,
+                "connection held for %.1f s (leak_timeout=%s) by thread %r, taken at:\n%s",
                 now - conn.borrowed_at,
                 self.leak_timeout,
                 conn.borrower.name if conn.borrower else "?",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -399,3 +401,25 @@ def test_reconnect_closes_idle_now_and_borrowed_ones_when_returned(make_pool: Ma
     assert backend_pid(fresh) != borrowed_pid
     pool.putconn(fresh)
     assert not pool.closed
+
+
+def test_log_records_carry_the_pool_and_the_pid(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="django_pgpool")
+    pool = make_pool(0, 1, timeout=0.1, name="database 'logged'", max_lifetime=0.05)
+    held = pool.getconn()
+    with pytest.raises(PoolTimeout):
+        pool.getconn()
+    time.sleep(0.1)
+    pool.putconn(held)  # expired: closed at return
+    records = [r for r in caplog.records if r.name == "django_pgpool"]
+    levels = {r.levelname for r in records}
+    assert {"DEBUG", "ERROR"} <= levels
+    for record in records:
+        assert record.pool == "database 'logged'"  # type: ignore[attr-defined]
+        assert record.pid == os.getpid()  # type: ignore[attr-defined]
+        assert f"pid {os.getpid()}" in record.getMessage()
+    messages = " | ".join(r.getMessage() for r in records)
+    assert "connection opened" in messages
+    assert "connection closed at return (expired)" in messages
