@@ -26,6 +26,7 @@ the race under the GIL).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -96,6 +97,9 @@ COUNTER_KEYS = (
     CONNECTIONS_LEAKED,
 )
 STATS_KEYS = GAUGE_KEYS + COUNTER_KEYS
+
+#: Upper bounds (seconds) of the wait-time buckets of queued borrowers.
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
 
 # Waits at least this long are logged as warnings.
 SLOW_WAIT_MS = 1000
@@ -224,6 +228,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self._waiters: deque[_Waiter] = deque()
         self._stats: Counter[str] = Counter()
         self._refill_after = 0.0
+        # How long queued borrowers waited: counts per WAIT_BUCKETS upper bound
+        # (the last one is +Inf). Borrowers served at once are not counted here.
+        self._wait_counts = [0] * (len(WAIT_BUCKETS) + 1)
         # Connections opened before this (monotonic) time are retired: closed
         # at return or borrow instead of being reused (reconnect()).
         self._reconnected_at = 0.0
@@ -317,8 +324,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         waiter.wait(self.timeout - (time.monotonic() - started))
 
         with self._lock:
-            waited_ms = int((time.monotonic() - started) * 1000)
+            waited = time.monotonic() - started
+            waited_ms = int(waited * 1000)
             self._stats[REQUESTS_WAIT_MS] += waited_ms
+            self._wait_counts[bisect.bisect_left(WAIT_BUCKETS, waited)] += 1
             if not waiter.served:
                 self._waiters.remove(waiter)
                 self._stats[REQUESTS_ERRORS] += 1
@@ -523,6 +532,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             longest_wait = now - self._waiters[0].since if self._waiters else 0.0
             oldest = min(self._used.values(), key=lambda c: c.borrowed_at, default=None)
             retired = sum(1 for c in self._used.values() if c.created_at < self._reconnected_at)
+            wait_buckets = list(self._wait_counts)
             oldest_checkout = (
                 {
                     "age_s": round(now - oldest.borrowed_at, 3),
@@ -536,6 +546,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             "longest_wait_s": round(longest_wait, 3),
             "oldest_checkout": oldest_checkout,
             "retired_in_use": retired,
+            "wait_buckets": wait_buckets,
         }
 
     def retired_in_use(self) -> int:
