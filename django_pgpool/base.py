@@ -6,11 +6,13 @@ introspection, schema editor, test-database creation) is Django's own.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 import re
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg2.extras
@@ -97,6 +99,16 @@ def _prepare_new_connection(conn: PooledConnection, isolation_level: int | None)
     conn.autocommit = True
 
 
+@dataclass
+class _BorrowPlan:
+    """What a wrapper worked out for one state of its settings (see _plan())."""
+
+    signature: tuple[Any, ...]
+    params: dict[str, Any]
+    options: PoolOptions
+    pool: ConnectionPool | None = None
+
+
 class DatabaseWrapper(PostgresDatabaseWrapper):
     """PostgreSQL through a process-global pool of psycopg2 connections."""
 
@@ -109,6 +121,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         # be the registry's pool for these settings when it is returned.
         self._pgpool: ConnectionPool | None = None
         self._pgpool_options: tuple[tuple[Any, ...], PoolOptions] | None = None
+        self._pgpool_plan: _BorrowPlan | None = None
 
     @property
     def pooled(self) -> bool:
@@ -130,14 +143,49 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         """Django's psycopg 3 pool: never used here (truthy would change Django's code paths)."""
         return None
 
+    def _settings_signature(self) -> tuple[Any, ...]:
+        """Return what the connect parameters are made of (cheap to compare)."""
+        sd = self.settings_dict
+        return (
+            os.getpid(),
+            sd["NAME"],
+            sd["USER"],
+            sd["PASSWORD"],
+            sd["HOST"],
+            sd["PORT"],
+            sd.get("CONN_MAX_AGE", 0),
+            self.timezone_name,
+            sd["OPTIONS"],
+        )
+
+    def _plan(self) -> _BorrowPlan:
+        """Return the validated options, connect parameters and pool for the current settings.
+
+        Worked out again only when the settings change (the test runner's NAME
+        switch, override_settings, fork), not at every borrow.
+        """
+        signature = self._settings_signature()
+        plan = self._pgpool_plan
+        if plan is None or plan.signature != signature:
+            # Validate before Django reads OPTIONS (e.g. its own 'pool').
+            options = self.pool_options()
+            params = self._pooled_connection_params(options)
+            frozen = (*signature[:-1], copy.deepcopy(signature[-1]))
+            plan = self._pgpool_plan = _BorrowPlan(frozen, params, options)
+        return plan
+
     def get_connection_params(self) -> dict[str, Any]:
-        # Validate before Django reads OPTIONS (e.g. its own 'pool').
-        options = self.pool_options() if self.pooled else None
+        if self.pooled:
+            return dict(self._plan().params)
         params: dict[str, Any] = super().get_connection_params()
         for key in POOL_KEYS:
             params.pop(key, None)
-        if options is None:
-            return params
+        return params
+
+    def _pooled_connection_params(self, options: PoolOptions) -> dict[str, Any]:
+        params: dict[str, Any] = super().get_connection_params()
+        for key in POOL_KEYS:
+            params.pop(key, None)
         # Give the session its time zone and role at connect time: Django then
         # finds nothing to SET at each borrow, and DISCARD ALL keeps them.
         startup = []
@@ -152,9 +200,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         )
         # libpq waits forever for an unreachable server by default; a borrower
         # opening a connection must give up in about the pool's timeout.
-        params.setdefault(
-            "connect_timeout", max(2, math.ceil(min(self.pool_options().timeout, 10)))
-        )
+        params.setdefault("connect_timeout", max(2, math.ceil(min(options.timeout, 10))))
         return params
 
     def _isolation_level(self) -> int | None:
@@ -176,15 +222,19 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         if not self.pooled:
             return super().get_new_connection(conn_params)
-        options = self.pool_options()
+        plan = self._plan()
         isolation_level = self._isolation_level()
-        pool = registry.get_pool(
-            self.alias,
-            conn_params,
-            options,
-            configure=lambda conn: _prepare_new_connection(conn, isolation_level),
-            extra_key=(isolation_level,),
-        )
+        pool = plan.pool
+        if pool is None or pool.closed or conn_params != plan.params:
+            pool = registry.get_pool(
+                self.alias,
+                conn_params,
+                plan.options,
+                configure=lambda conn: _prepare_new_connection(conn, isolation_level),
+                extra_key=(isolation_level,),
+            )
+            if conn_params == plan.params:
+                plan.pool = pool
         connection = pool.getconn()
         self._pgpool = pool
         return connection

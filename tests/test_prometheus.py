@@ -11,15 +11,15 @@ from django.db import connection
 pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest
 
-from django_pgpool import prometheus, status
+from django_pgpool import prometheus, registry, status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def scrape() -> str:
-    registry = CollectorRegistry()
-    prometheus.register(registry)
-    return generate_latest(registry).decode()
+    collectors = CollectorRegistry()
+    prometheus.register(collectors)
+    return generate_latest(collectors).decode()
 
 
 def test_metrics_report_this_processes_pools() -> None:
@@ -32,7 +32,8 @@ def test_metrics_report_this_processes_pools() -> None:
     assert f"pgpool_connections_max{{{labels}}} 4.0" in text
     assert f"pgpool_connections_timeout_total{{{labels}}} 0.0" in text
     bucket = f'alias="default",database="test_pgpool",le="+Inf",pid="{pid}"'
-    assert f"pgpool_connections_acquire_seconds_bucket{{{bucket}}} 1.0" in text
+    requests = registry.entries("default")[0].pool.get_stats()["requests_num"]
+    assert f"pgpool_connections_acquire_seconds_bucket{{{bucket}}} {float(requests)}" in text
 
 
 def test_multiprocess_mode_reports_every_process_from_the_snapshots(

@@ -19,7 +19,7 @@ from django.db import connections
 from django_pgpool import base, registry
 from tests.pgserver import ServerInfo
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
 SENTINEL = "S3ntinel-" + secrets.token_hex(8)
 
