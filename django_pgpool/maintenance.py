@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -69,8 +70,9 @@ def wake() -> None:
 
 
 def _run() -> None:
+    wait = INTERVAL
     while True:
-        _wakeup.wait(INTERVAL)
+        _wakeup.wait(wait)
         _wakeup.clear()
         with _lock:
             pools = list(_pools)
@@ -85,6 +87,10 @@ def _run() -> None:
                 hook()
             except Exception:
                 logger.exception("maintenance hook %r failed", hook)
+        # Sleep until the next round, or until a round trip's deadline.
+        now = time.monotonic()
+        deadlines = [due for pool in pools if (due := pool.next_deadline()) is not None]
+        wait = min([INTERVAL, *(max(due - now, 0.01) for due in deadlines)])
 
 
 def _after_fork_in_child() -> None:

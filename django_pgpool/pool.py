@@ -6,7 +6,8 @@ Lock discipline
 ---------------
 Each pool has one ``threading.Lock``, ``_lock``. It guards every mutable
 attribute of the pool: ``_idle``, ``_used``, ``_keys``, ``_nconns``,
-``_waiters``, ``_stats``, ``closed`` and ``_refill_after``. It is held only for
+``_waiters``, ``_stats``, ``closed``, ``_refill_after``, ``_refilling`` and
+``_deadlines``. It is held only for
 bookkeeping: never during a connect, a query, a reset or a close (network
 I/O), so a slow server never blocks the threads that could be served from
 idle connections. (The one system call made under it is a zero-timeout
@@ -32,11 +33,12 @@ import logging
 import os
 import random
 import select
+import socket
 import threading
 import time
 import traceback
 from collections import Counter, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import psycopg2
@@ -155,6 +157,20 @@ def _why(reason: str | None, closing: bool) -> str:
     return "pool closed" if closing else "surplus idle"
 
 
+def _cut_off(conn: PooledConnection) -> None:
+    """Shut a connection's socket down, so a read blocked on it ends at once."""
+    try:
+        duplicate = socket.socket(fileno=os.dup(conn.fileno()))
+    except (OSError, psycopg2.Error):
+        return
+    try:
+        duplicate.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        duplicate.close()
+
+
 def _close_quietly(conn: PooledConnection) -> None:
     with contextlib.suppress(Exception):  # a broken connection may fail to say goodbye
         conn.close()
@@ -228,6 +244,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self._waiters: deque[_Waiter] = deque()
         self._stats: Counter[str] = Counter()
         self._refill_after = 0.0
+        self._refilling = False  # a refill thread is running
+        # Round trips under way outside the lock (health checks, resets), by
+        # id(conn): (conn, deadline). Maintenance cuts off the overdue ones.
+        self._deadlines: dict[int, tuple[PooledConnection, float]] = {}
         # How long queued borrowers waited: counts per WAIT_BUCKETS upper bound
         # (the last one is +Inf). Borrowers served at once are not counted here.
         self._wait_counts = [0] * (len(WAIT_BUCKETS) + 1)
@@ -263,7 +283,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         conn = self._take(started)
         while True:
             if conn is not None:
-                problem = self._problem(conn)
+                problem = self._problem(conn, started + self.timeout)
                 if problem is None:
                     break
                 # Dead or expired: close it and open a new one in its slot.
@@ -332,11 +352,18 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 self._waiters.remove(waiter)
                 self._stats[REQUESTS_ERRORS] += 1
                 self._stats[REQUESTS_TIMEOUTS] += 1
+                opening = self._nconns - len(self._used) - len(self._idle)
                 message = (
                     f"couldn't get a connection for {self.name} after {self.timeout:.1f} s "
                     f"(maxconn={self.maxconn}, {len(self._used)} in use, "
-                    f"{len(self._waiters)} waiting); raise OPTIONS['maxconn'] or "
-                    "OPTIONS['timeout'], or return connections sooner"
+                    + (f"{opening} being opened or checked, " if opening else "")
+                    + f"{len(self._waiters)} waiting); "
+                    + (
+                        "the server may be slow or unreachable"
+                        if opening and not self._used
+                        else "raise OPTIONS['maxconn'] or OPTIONS['timeout'], "
+                        "or return connections sooner"
+                    )
                 )
         if not waiter.served:
             self._log(logging.ERROR, "%s", message)
@@ -352,7 +379,28 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             )
         return waiter.conn
 
-    def _problem(self, conn: PooledConnection) -> str | None:
+    @contextlib.contextmanager
+    def _deadline(self, conn: PooledConnection, seconds: float) -> Iterator[None]:
+        """Bound a round trip on ``conn``: past the deadline, maintenance cuts its socket.
+
+        psycopg2 can't time out a query on a link that stalls; shutting the
+        socket down makes libpq's read end at once with an error.
+        """
+        with self._lock:
+            self._deadlines[id(conn)] = (conn, time.monotonic() + max(seconds, 0.1))
+        maintenance.wake()  # so that it wakes up in time for this deadline
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deadlines.pop(id(conn), None)
+
+    def next_deadline(self) -> float | None:
+        """Return when the earliest round trip under way is due to be cut off, if any."""
+        with self._lock:
+            return min((due for _, due in self._deadlines.values()), default=None)
+
+    def _problem(self, conn: PooledConnection, deadline: float) -> str | None:
         """Return why ``conn`` can't be handed out (a stats key), or None if it can.
 
         Runs outside the lock: it may do a round trip.
@@ -368,10 +416,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 return CONNECTIONS_LOST
             if now - conn.returned_at <= self.check_after:
                 return None
-            with conn.cursor() as cur:
+            with self._deadline(conn, deadline - now), conn.cursor() as cur:
                 cur.execute("SELECT 1")
-            if not conn.autocommit:
-                conn.rollback()
+                if not conn.autocommit:
+                    conn.rollback()
         except (psycopg2.Error, OSError):
             return CONNECTIONS_LOST
         return None
@@ -463,7 +511,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             reason = CONNECTIONS_EXPIRED
         else:
             dirty_before = conn.session_dirty
-            if reset_session(conn, always=self.reset == "always"):
+            with self._deadline(conn, self.timeout):
+                reset_ok = reset_session(conn, always=self.reset == "always")
+            if reset_ok:
                 conn.returned_at = time.monotonic()
                 with self._lock:
                     if dirty_before or self.reset == "always":
@@ -594,10 +644,21 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     keep.append(conn)
             self._idle = keep
             deficit = 0
-            if now >= self._refill_after:
+            if now >= self._refill_after and not self._refilling:
                 deficit = max(0, self.minconn - self._nconns + len(to_close))
                 deficit = min(deficit, self.maxconn - self._nconns)
                 self._nconns += deficit
+                self._refilling = deficit > 0
+            overdue = [c for c, due in self._deadlines.values() if due <= now]
+        for conn in overdue:
+            _cut_off(conn)
+            self._log(logging.WARNING, "a health check or reset overran its deadline; cut off")
+        if deficit:
+            # A thread of its own: a slow or unreachable server must not hold
+            # up the maintenance of every other pool.
+            threading.Thread(
+                target=self._refill, args=(deficit,), name="django_pgpool-refill", daemon=True
+            ).start()
         to_close.extend(self._reclaim_orphans())
         self._report_leaks(now)
         for conn, reason in to_close:
@@ -608,21 +669,29 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     self._stats[reason] += 1
                 self._stats[CONNECTIONS_CLOSED] += 1
                 self._release_slot()
-        for _ in range(deficit):
-            try:
-                conn = self._connect()
-            except Exception as exc:
+
+    def _refill(self, reserved: int) -> None:
+        """Open connections in ``reserved`` slots; stop at the first failure."""
+        try:
+            for opened in range(reserved):
+                try:
+                    conn = self._connect()
+                except Exception as exc:
+                    with self._lock:
+                        self._refill_after = time.monotonic() + REFILL_BACKOFF
+                        for _ in range(reserved - opened):
+                            self._release_slot()
+                    self._log(logging.WARNING, "couldn't open a connection: %s", exc)
+                    return
                 with self._lock:
-                    self._refill_after = time.monotonic() + REFILL_BACKOFF
+                    if not self.closed:
+                        self._make_available(conn)
+                        continue
                     self._release_slot()
-                self._log(logging.WARNING, "couldn't open a connection: %s", exc)
-                continue
+                _close_quietly(conn)
+        finally:
             with self._lock:
-                if not self.closed:
-                    self._make_available(conn)
-                    continue
-                self._release_slot()
-            _close_quietly(conn)
+                self._refilling = False
 
     def _reclaim_orphans(self) -> list[tuple[PooledConnection, str | None]]:
         """Take back the connections of borrower threads that have exited.
