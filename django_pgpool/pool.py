@@ -341,7 +341,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 # slot, which goes to the longest waiter (maybe this one).
                 maintenance.wake()
 
-        waiter.wait(self.timeout - (time.monotonic() - started))
+        if not waiter.wait(self.timeout - (time.monotonic() - started)):
+            # Before giving up: a borrower thread may have died since the last
+            # maintenance round; its slot would go to the longest waiter.
+            self._close_and_release(self._reclaim_orphans())
 
         with self._lock:
             waited = time.monotonic() - started
@@ -626,8 +629,15 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         now = time.monotonic()
         to_close: list[tuple[PooledConnection, str | None]] = []
         with self._lock:
-            if self.closed or self._pid != os.getpid():
+            if self._pid != os.getpid():
                 return
+            closed = self.closed
+        if closed:
+            # Borrowed connections close at return; those of dead threads never
+            # will be returned.
+            self._close_and_release(self._reclaim_orphans())
+            return
+        with self._lock:
             keep: deque[PooledConnection] = deque()
             surplus = self._nconns - self.minconn
             for conn in self._idle:  # oldest returned first
@@ -661,9 +671,13 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             ).start()
         to_close.extend(self._reclaim_orphans())
         self._report_leaks(now)
+        self._close_and_release(to_close)
+
+    def _close_and_release(self, to_close: list[tuple[PooledConnection, str | None]]) -> None:
+        """Close connections taken out of the pool (no lock held) and free their slots."""
         for conn, reason in to_close:
             _close_quietly(conn)
-            self._log(logging.DEBUG, "idle connection closed (%s)", _why(reason, False))
+            self._log(logging.DEBUG, "connection closed (%s)", _why(reason, False))
             with self._lock:
                 if reason is not None:
                     self._stats[reason] += 1
@@ -703,7 +717,6 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             orphans = [c for c in self._used.values() if c.borrower and not c.borrower.is_alive()]
             for conn in orphans:
                 del self._used[id(conn)]
-                self._stats[CONNECTIONS_RECLAIMED] += 1
         for conn in orphans:
             self._log(
                 logging.WARNING,
@@ -711,7 +724,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 "freeing its slot",
                 conn.borrower.name if conn.borrower else "?",
             )
-        return [(conn, None) for conn in orphans]
+        return [(conn, CONNECTIONS_RECLAIMED) for conn in orphans]
 
     def _report_leaks(self, now: float) -> None:
         """Warn once per borrow about connections held longer than leak_timeout."""

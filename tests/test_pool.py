@@ -423,3 +423,29 @@ def test_log_records_carry_the_pool_and_the_pid(
     messages = " | ".join(r.getMessage() for r in records)
     assert "connection opened" in messages
     assert "connection closed at return (expired)" in messages
+
+
+def test_a_waiter_about_to_time_out_takes_the_slot_of_a_thread_that_died(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(0, 1, timeout=0.5)
+    holding, die = threading.Event(), threading.Event()
+
+    def hold_and_die() -> None:
+        pool.getconn()
+        holding.set()
+        die.wait()
+
+    holder = threading.Thread(target=hold_and_die)
+    holder.start()
+    holding.wait()
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.getconn()))
+    waiter.start()
+    wait_for(lambda: pool.get_stats()["requests_waiting"] == 1)
+    die.set()  # the holder exits without returning its connection
+    holder.join()
+    waiter.join()
+    assert len(got) == 1 and not got[0].closed
+    assert pool.get_stats()["connections_reclaimed"] == 1
+    pool.putconn(got[0])
