@@ -15,6 +15,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg2
 import psycopg2.extras
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
@@ -97,6 +98,26 @@ def _prepare_new_connection(conn: PooledConnection, isolation_level: int | None)
     psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=_json_passthrough)
     # Django's default; its set_autocommit(True) at each borrow then costs nothing.
     conn.autocommit = True
+
+
+class _ReturnedConnection:
+    """Stands in for a connection that _close() gave back to the pool.
+
+    Django's close() then forgets it; code that calls _close() alone and keeps
+    using the wrapper finds it unusable, as a closed psycopg2 connection.
+    """
+
+    closed = 1
+    pool_pid = 0  # not inherited from another process (see ensure_connection)
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        raise psycopg2.InterfaceError("connection already closed (returned to the pool)")
+
+
+RETURNED = _ReturnedConnection()
 
 
 @dataclass
@@ -263,8 +284,12 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
             return None
         # Inside atomic() Django keeps self.connection after close(): it must
         # then never be lent to anyone else, so it is closed, not kept.
+        connection, self.connection = self.connection, RETURNED
         with self.wrap_database_errors:
-            pool.putconn(self.connection, close=self.in_atomic_block)
+            pool.putconn(connection, close=self.in_atomic_block)
+        if self.in_atomic_block:
+            # Django keeps self.connection inside atomic(): the closed one.
+            self.connection = connection
         return None
 
     def close_pool(self) -> None:

@@ -142,6 +142,7 @@ def option_problems(alias: str, options: Mapping[str, Any], conn_max_age: Any = 
             Problem(
                 E_DJANGO_POOL,
                 _path(alias, "pool"),
+                "Database pooling requires psycopg >= 3: "
                 f"{_path(alias, 'pool')} is Django's own pool option, which needs psycopg 3; "
                 "django_pgpool pools by itself: remove 'pool' and size the pool with "
                 "OPTIONS['minconn'] and OPTIONS['maxconn'].",

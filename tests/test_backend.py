@@ -322,3 +322,12 @@ def test_using_the_engine_without_the_app_installed_says_what_to_add(
     messages = [r.getMessage() for r in caplog.records if r.name == "django_pgpool"]
     assert messages == [base.NOT_INSTALLED_MESSAGE]
     assert "Add 'django_pgpool' to INSTALLED_APPS" in messages[0]
+
+
+def test_a_wrapper_closed_with_underscore_close_is_unusable_like_stock() -> None:
+    """Django's own suite calls _close() alone (backends.tests, #21553)."""
+    scalar("SELECT 1")
+    connection._close()
+    assert connection.is_usable() is False
+    connection.close()
+    assert scalar("SELECT 1") == 1
