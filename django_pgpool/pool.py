@@ -439,6 +439,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         with self._lock:
             closed = self.closed
             if closed:
+                self._stats[CONNECTIONS_CLOSED] += 1
                 self._release_slot()
         if closed:
             _close_quietly(conn)
@@ -701,6 +702,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     if not self.closed:
                         self._make_available(conn)
                         continue
+                    self._stats[CONNECTIONS_CLOSED] += 1
                     self._release_slot()
                 _close_quietly(conn)
         finally:

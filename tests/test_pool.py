@@ -449,3 +449,25 @@ def test_a_waiter_about_to_time_out_takes_the_slot_of_a_thread_that_died(
     assert len(got) == 1 and not got[0].closed
     assert pool.get_stats()["connections_reclaimed"] == 1
     pool.putconn(got[0])
+
+
+def test_a_connection_opened_while_the_pool_closes_is_counted_as_closed(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(0, 2, configure=lambda conn: time.sleep(0.5))
+    errors: list[BaseException] = []
+
+    def borrow() -> None:
+        try:
+            pool.getconn()
+        except PoolClosed as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=borrow)
+    thread.start()
+    time.sleep(0.2)
+    pool.closeall()
+    thread.join()
+    stats = pool.get_stats()
+    assert len(errors) == 1
+    assert (stats["connections_num"], stats["connections_closed"], stats["pool_size"]) == (1, 1, 0)
