@@ -70,8 +70,10 @@ def test_a_reconnect_request_replaces_this_processes_connections() -> None:
     before = backend_pid()
     connection.close()
     wait_for(own_snapshot)  # the process has looked at the requests once
-    status.request_reconnect(["default"])
-    wait_for(lambda: (own_snapshot() or {}).get("reconnect_seen", {}).get("default"))
+    generation = status.request_reconnect(["default"])["default"]
+    wait_for(
+        lambda: (own_snapshot() or {}).get("reconnect_seen", {}).get("default", 0) >= generation
+    )
     assert backend_pid() != before
 
 
