@@ -68,6 +68,12 @@ def _warn_if_app_not_installed() -> None:
 # The tag every pooled session carries in application_name, so that the
 # server's view (pg_stat_activity) tells whose connection it is, across hosts.
 TAG_PATTERN = re.compile(r"\[pgpool (?P<alias>[^@\]]+)@(?P<host>[^:\]]*):(?P<pid>\d+)\]$")
+TCP_KEEPALIVE_DEFAULTS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 _APPLICATION_NAME_MAX = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
 
 
@@ -222,6 +228,10 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         # libpq waits forever for an unreachable server by default; a borrower
         # opening a connection must give up in about the pool's timeout.
         params.setdefault("connect_timeout", max(2, math.ceil(min(options.timeout, 10))))
+        # A query in flight to a server host that vanished (no RST) would wait
+        # for Linux's 2-hour keepalive default; these notice it in about 60 s.
+        for key, value in TCP_KEEPALIVE_DEFAULTS.items():
+            params.setdefault(key, value)
         return params
 
     def _isolation_level(self) -> int | None:
