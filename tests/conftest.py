@@ -41,6 +41,28 @@ def make_pool(server: ServerInfo) -> Iterator[Callable[..., ConnectionPool]]:
         pool.closeall()
 
 
+@pytest.fixture
+def add_alias() -> Iterator[Callable[..., str]]:
+    """Make an ad-hoc alias usable by the ORM in this thread: ``Model.objects.using(alias)``."""
+    from django.db import connections
+
+    from django_pgpool import registry
+    from tests.helpers import make_wrapper
+
+    added: list[str] = []
+
+    def add(alias: str, **changes: Any) -> str:
+        connections[alias] = make_wrapper(alias, **changes)
+        added.append(alias)
+        return alias
+
+    yield add
+    for alias in added:
+        connections[alias].close()
+        del connections[alias]
+        registry.close_pools(alias=alias)
+
+
 def backend_pid(conn: Any) -> int:
     with conn.cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")

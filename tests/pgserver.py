@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 __all__ = [
     "PgServerError",
@@ -109,7 +110,7 @@ class ServerInfo:
                 env["PGPOOL_TEST_BINDIR"] = self.bindir
         return env
 
-    def connect_kwargs(self) -> dict[str, object]:
+    def connect_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``psycopg2.connect``."""
         return {
             "host": self.host,

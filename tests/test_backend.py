@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from importlib import import_module
 from typing import Any
 
 import pytest
@@ -14,42 +13,12 @@ from django.test import override_settings
 
 from django_pgpool import base, registry
 from django_pgpool.checks import check_pool_options
+from tests.helpers import make_wrapper, scalar
 from tests.pgserver import ServerInfo
 from tests.tcpproxy import TcpProxy
 from tests.testapp.models import Item
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
-
-
-def scalar(sql: str, using: str = "default") -> Any:
-    with connections[using].cursor() as cur:
-        cur.execute(sql)
-        return cur.fetchone()[0]
-
-
-def make_wrapper(alias: str, **changes: Any) -> Any:
-    """A wrapper on a copy of 'default' with changes (Django allows such ad-hoc ones in tests)."""
-    settings_dict = {**connections["default"].settings_dict, **changes}
-    engine = settings_dict["ENGINE"]
-    wrapper_class = import_module(f"{engine}.base").DatabaseWrapper if "." in engine else None
-    return (wrapper_class or base.DatabaseWrapper)(settings_dict, alias=alias)
-
-
-@pytest.fixture
-def add_alias() -> Iterator[Callable[..., str]]:
-    """Make an alias usable by the ORM in this thread: ``Model.objects.using(alias)``."""
-    added: list[str] = []
-
-    def add(alias: str, **changes: Any) -> str:
-        connections[alias] = make_wrapper(alias, **changes)
-        added.append(alias)
-        return alias
-
-    yield add
-    for alias in added:
-        connections[alias].close()
-        del connections[alias]
-        registry.close_pools(alias=alias)
 
 
 def test_connection_is_returned_on_close_and_reused() -> None:

@@ -23,6 +23,7 @@ from psycopg2 import sql
 
 from django_pgpool.errors import PoolError
 from django_pgpool.pool import ConnectionPool
+from tests.helpers import server_connections
 
 MakePool = Callable[..., ConnectionPool]
 
@@ -48,16 +49,6 @@ def unique_name(prefix: str) -> str:
 def percentile(ordered: Sequence[float], fraction: float) -> float:
     """The value below which ``fraction`` of the (sorted) values lie (nearest rank)."""
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-def server_connections(admin: Any, application_name: str) -> int:
-    with admin.cursor() as cur:
-        cur.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            [application_name],
-        )
-        count: int = cur.fetchone()[0]
-    return count
 
 
 def idle_while_waiting(stats: dict[str, int]) -> str | None:

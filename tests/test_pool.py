@@ -16,26 +16,9 @@ import pytest
 from django_pgpool.errors import PoolClosed, PoolTimeout, TooManyRequests
 from django_pgpool.pool import ConnectionPool
 from tests.conftest import backend_pid
+from tests.helpers import server_connections, wait_for
 
 MakePool = Callable[..., ConnectionPool]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
-def server_connections(admin: Any, application_name: str) -> int:
-    with admin.cursor() as cur:
-        cur.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            [application_name],
-        )
-        count: int = cur.fetchone()[0]
-    return count
 
 
 def test_pool_is_a_psycopg2_threaded_pool_with_its_api(make_pool: MakePool) -> None:

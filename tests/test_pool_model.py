@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -30,18 +29,11 @@ from hypothesis.stateful import (
 
 from django_pgpool.errors import PoolClosed, PoolTimeout
 from django_pgpool.pool import ConnectionPool
+from tests.helpers import wait_for
 from tests.settings import SERVER
 
 MAXCONN = 3
 TIMEOUT = 0.05
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 class PoolAgainstItsModel(RuleBasedStateMachine):

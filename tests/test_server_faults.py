@@ -27,6 +27,7 @@ from django_pgpool import base, maintenance, registry
 from django_pgpool.errors import PoolTimeout
 from django_pgpool.pool import REFILL_BACKOFF, ConnectionPool
 from tests.conftest import backend_pid
+from tests.helpers import make_wrapper, scalar, wait_for
 from tests.pgserver import ServerInfo, ThrowawayServer
 from tests.tcpproxy import TcpProxy
 from tests.testapp.models import Item
@@ -39,16 +40,6 @@ CONNECT_TIMEOUT = 2  # libpq's connect_timeout, in seconds (its smallest useful 
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> float:
-    """Wait until ``predicate()`` is true; return how long it took."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not reached within {timeout} s: {what or predicate}")
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 def connect_admin(server: ServerInfo) -> Any:
@@ -212,34 +203,6 @@ def make_proxied_pool(server: ServerInfo, proxy: TcpProxy) -> Iterator[MakePool]
     proxy.resume()  # closing must not wait on a stalled link
     for pool in pools:
         pool.closeall()
-
-
-def make_wrapper(alias: str, **changes: Any) -> base.DatabaseWrapper:
-    """A wrapper on a copy of 'default' with changes (as tests/test_backend.py)."""
-    return base.DatabaseWrapper({**connections["default"].settings_dict, **changes}, alias=alias)
-
-
-@pytest.fixture
-def add_alias() -> Iterator[Callable[..., str]]:
-    """Make an ad-hoc alias usable in this thread (``connections[alias]``)."""
-    added: list[str] = []
-
-    def add(alias: str, **changes: Any) -> str:
-        connections[alias] = make_wrapper(alias, **changes)
-        added.append(alias)
-        return alias
-
-    yield add
-    for alias in added:
-        connections[alias].close()
-        del connections[alias]
-        registry.close_pools(alias=alias)
-
-
-def scalar(sql: str, using: str = "default") -> Any:
-    with connections[using].cursor() as cur:
-        cur.execute(sql)
-        return cur.fetchone()[0]
 
 
 def django_request(using: str = "default") -> int:

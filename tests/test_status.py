@@ -6,22 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 import pytest
 from django.db import connection
 
 from django_pgpool import base, status
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def backend_pid() -> int:

@@ -30,6 +30,7 @@ from django.db import OperationalError, connections
 
 from django_pgpool import base, registry
 from django_pgpool.pool import ConnectionPool
+from tests.helpers import wait_for
 from tests.testapp.models import Item
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -151,14 +152,6 @@ def in_thread(func: Callable[[], T], name: str) -> T:
     if errors:
         raise errors[0]
     return results[0]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def live_backends(admin: Any, pids: list[int]) -> list[int]:
