@@ -12,6 +12,8 @@ import math
 import os
 import re
 import socket
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ from django.utils.asyncio import async_unsafe
 
 from . import registry
 from .options import POOL_KEYS, PoolOptions, parse_options
-from .pool import ConnectionPool, detach_inherited
+from .pool import INHERITED_BUSY, ConnectionPool, detach_inherited
 from .session import PooledConnection
 
 __all__ = ["DatabaseWrapper"]
@@ -136,6 +138,39 @@ class _BorrowPlan:
     pool: ConnectionPool | None = None
 
 
+def _sharing_check(wrapper: DatabaseWrapper) -> Callable[[], bool]:
+    """Return a check of whether ``wrapper`` lets other threads use its connection."""
+    ref = weakref.ref(wrapper)
+
+    def shared() -> bool:
+        owner = ref()
+        return owner is not None and owner.allow_thread_sharing
+
+    return shared
+
+
+# Every live wrapper, so that a forked child can make them forget the
+# connections they hold (the sessions are the parent's). Not overriding
+# ensure_connection() for this keeps Django's own test patches working.
+_wrappers: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
+
+
+def _forget_inherited_connections() -> None:
+    pid = os.getpid()
+    for wrapper in list(_wrappers):
+        connection = wrapper.connection
+        if connection is not None and getattr(connection, "pool_pid", 0) not in (0, pid):
+            # Another parent thread may have been inside a query on it: never
+            # close it here (see ConnectionPool.after_fork_in_child).
+            detach_inherited(connection, close=False)
+            INHERITED_BUSY.append(connection)
+            wrapper.connection = None
+            wrapper._pgpool = None
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
+
+
 class DatabaseWrapper(PostgresDatabaseWrapper):
     """PostgreSQL through a process-global pool of psycopg2 connections."""
 
@@ -149,6 +184,8 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         self._pgpool: ConnectionPool | None = None
         self._pgpool_options: tuple[tuple[Any, ...], PoolOptions] | None = None
         self._pgpool_plan: _BorrowPlan | None = None
+        self._pgpool_sharing = _sharing_check(self)
+        _wrappers.add(self)
 
     @property
     def pooled(self) -> bool:
@@ -160,7 +197,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         conn_max_age = self.settings_dict.get("CONN_MAX_AGE", 0)
         signature = (conn_max_age, *((k, options[k]) for k in sorted(POOL_KEYS & options.keys())))
         cached = self._pgpool_options
-        if cached is None or cached[0] != signature or "pool" in options:
+        if cached is None or cached[0] != signature or options.get("pool"):
             cached = (signature, parse_options(self.alias, options, conn_max_age))
             self._pgpool_options = cached
         return cached[1]
@@ -267,18 +304,9 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
             if conn_params == plan.params:
                 plan.pool = pool
         connection = pool.getconn()
+        connection.shared = self._pgpool_sharing
         self._pgpool = pool
         return connection
-
-    def ensure_connection(self) -> None:
-        connection = self.connection
-        if connection is not None and getattr(connection, "pool_pid", 0) not in (0, os.getpid()):
-            # Inherited through fork(): the session is the parent's. Forget it
-            # (harmlessly) and borrow one of this process's own.
-            detach_inherited(connection)
-            self.connection = None
-            self._pgpool = None
-        super().ensure_connection()
 
     def _configure_role(self, connection: Any) -> bool:
         # Pooled connections got the role at connect time (libpq options).

@@ -137,7 +137,7 @@ def option_problems(alias: str, options: Mapping[str, Any], conn_max_age: Any = 
                 f"{_path(alias, 'maxconn')} ({maxconn}); set minconn <= maxconn.",
             )
         )
-    if "pool" in options:
+    if options.get("pool"):  # Django's own test helpers set pool=False: "no pool"
         problems.append(
             Problem(
                 E_DJANGO_POOL,

@@ -6,8 +6,10 @@ Lock discipline
 ---------------
 Each pool has one ``threading.Lock``, ``_lock``. It guards every mutable
 attribute of the pool: ``_idle``, ``_used``, ``_keys``, ``_nconns``,
-``_waiters``, ``_stats``, ``closed``, ``_refill_after``, ``_refilling`` and
-``_deadlines``. It is held only for
+``_waiters``, ``_stats``, ``closed``, ``_refill_after``, ``_refilling``,
+``_refill_failures``, ``_deadlines``, ``_wait_counts`` and ``_reconnected_at``
+(a float also read without it: a stale read only delays a retirement). It is
+held only for
 bookkeeping: never during a connect, a query, a reset or a close (network
 I/O), so a slow server never blocks the threads that could be served from
 idle connections. (The one system call made under it is a zero-timeout
@@ -47,7 +49,7 @@ import psycopg2.pool
 
 from . import maintenance
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
-from .session import Baseline, PooledConnection, reset_session, tracking_cursor_class
+from .session import Baseline, PooledConnection, reset_session
 
 __all__ = ["STATS_KEYS", "ConnectionPool"]
 
@@ -148,6 +150,14 @@ def _has_pending_input(conn: PooledConnection) -> bool:
     return bool(poller.poll(0))
 
 
+def _orphaned(conn: PooledConnection) -> bool:
+    """Return True if the thread that borrowed ``conn`` is gone and shared it with no one."""
+    borrower = conn.borrower
+    if borrower is None or borrower.is_alive():
+        return False
+    return not (conn.shared is not None and conn.shared())
+
+
 def _why(reason: str | None, closing: bool) -> str:
     """Say in words why a connection was closed, for the DEBUG log."""
     if reason is not None:
@@ -225,7 +235,6 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         if not issubclass(factory, PooledConnection):
             raise TypeError("connection_factory must be a subclass of PooledConnection")
         kwargs["connection_factory"] = factory
-        kwargs["cursor_factory"] = tracking_cursor_class(kwargs.get("cursor_factory") or ext.cursor)
         self._args = args
         self._kwargs = kwargs
 
@@ -245,6 +254,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self._stats: Counter[str] = Counter()
         self._refill_after = 0.0
         self._refilling = False  # a refill thread is running
+        self._refill_failures = 0  # in a row: sets the backoff
         # Round trips under way outside the lock (health checks, resets), by
         # id(conn): (conn, deadline). Maintenance cuts off the overdue ones.
         self._deadlines: dict[int, tuple[PooledConnection, float]] = {}
@@ -303,6 +313,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         conn.borrowed_at = time.monotonic()
         conn.borrower = threading.current_thread()
         conn.leak_reported = False
+        conn.shared = None
         if self.leak_timeout is not None:
             # Costly (tens of µs), so only when leak detection is on.
             conn.borrow_stack = "".join(traceback.format_stack(limit=30)[:-1])
@@ -336,7 +347,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             waiter = _Waiter()
             self._waiters.append(waiter)
             self._stats[REQUESTS_QUEUED] += 1
-            if any(not c.borrower.is_alive() for c in self._used.values() if c.borrower):
+            if any(_orphaned(c) for c in self._used.values()):
                 # A thread died holding a connection: maintenance frees its
                 # slot, which goes to the longest waiter (maybe this one).
                 maintenance.wake()
@@ -492,6 +503,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             detach_inherited(conn)
             return
         with self._lock:
+            if conn.reclaimed:
+                return  # closed already: its borrower's thread had exited
             if self._used.get(id(conn)) is not conn:
                 raise psycopg2.pool.PoolError(
                     f"connection returned to {self.name} is not checked out from it "
@@ -693,12 +706,17 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     conn = self._connect()
                 except Exception as exc:
                     with self._lock:
-                        self._refill_after = time.monotonic() + REFILL_BACKOFF
+                        # Back off exponentially: a server that refuses us (wrong
+                        # password, dropped database) must not be hammered.
+                        self._refill_failures += 1
+                        backoff = min(REFILL_BACKOFF * 2 ** (self._refill_failures - 1), 60.0)
+                        self._refill_after = time.monotonic() + backoff
                         for _ in range(reserved - opened):
                             self._release_slot()
                     self._log(logging.WARNING, "couldn't open a connection: %s", exc)
                     return
                 with self._lock:
+                    self._refill_failures = 0
                     if not self.closed:
                         self._make_available(conn)
                         continue
@@ -716,9 +734,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         caller closes them and releases their slots.
         """
         with self._lock:
-            orphans = [c for c in self._used.values() if c.borrower and not c.borrower.is_alive()]
+            orphans = [c for c in self._used.values() if _orphaned(c)]
             for conn in orphans:
                 del self._used[id(conn)]
+                conn.reclaimed = True
         for conn in orphans:
             self._log(
                 logging.WARNING,
@@ -767,7 +786,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             # close() (or freeing it) would block forever. Point its socket at
             # /dev/null and keep the object alive for the life of this process.
             detach_inherited(conn, close=False)
-            _INHERITED_BUSY.append(conn)
+            INHERITED_BUSY.append(conn)
         closed = self.closed
         self._init_state()
         self.closed = closed
@@ -808,7 +827,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
 
 # Connections checked out in the parent when it forked (see after_fork_in_child).
-_INHERITED_BUSY: list[Any] = []
+INHERITED_BUSY: list[Any] = []
 
 
 def detach_inherited(conn: Any, close: bool = True) -> None:

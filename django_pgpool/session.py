@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 import select
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,10 @@ class PooledConnection(ext.connection):
     borrower: threading.Thread | None
     borrow_stack: str
     leak_reported: bool
+    # Says whether the borrower handed the connection to other threads (Django's
+    # inc_thread_sharing()): then its thread exiting doesn't orphan it.
+    shared: Callable[[], bool] | None
+    reclaimed: bool
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
@@ -152,11 +157,19 @@ class PooledConnection(ext.connection):
         self.borrower = None
         self.borrow_stack = ""
         self.leak_reported = False
+        self.shared = None
+        self.reclaimed = False
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        factory = kwargs.get("cursor_factory")
-        if factory is not None:
-            kwargs["cursor_factory"] = tracking_cursor_class(factory)
+        # Track through a subclass of the class the cursor would have had; the
+        # connection's own cursor_factory stays the one the user configured.
+        configured: Any = self.cursor_factory
+        if len(args) >= 2:
+            args = (args[0], tracking_cursor_class(args[1] or configured or ext.cursor), *args[2:])
+        else:
+            kwargs["cursor_factory"] = tracking_cursor_class(
+                kwargs.get("cursor_factory") or configured or ext.cursor
+            )
         return super().cursor(*args, **kwargs)
 
 

@@ -481,3 +481,31 @@ def test_closing_the_pools_also_closes_the_connection_of_a_thread_that_died_hold
 
     wait_for(lambda: dead.raw.closed, timeout=TIMEOUT)  # a few rounds of maintenance
     assert live_backends(admin, [dead.backend_pid]) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_shared_with_other_threads_is_not_reclaimed_when_its_thread_exits(
+    make_alias: Callable[..., Alias],
+) -> None:
+    """Django lets a thread hand its connection to others (inc_thread_sharing())."""
+    alias = make_alias("sharing", maxconn=1)
+    shared: list[Any] = []
+
+    def borrow_and_share() -> None:
+        wrapper = base.DatabaseWrapper(dict(alias.settings_dict), alias=alias.name)
+        wrapper.inc_thread_sharing()
+        with wrapper.cursor() as cur:
+            cur.execute("SELECT 1")
+        shared.append(wrapper)
+
+    thread = threading.Thread(target=borrow_and_share, name="sharing-runner")
+    thread.start()
+    thread.join()
+    time.sleep(2.5)  # two maintenance rounds
+    wrapper = shared[0]
+    with wrapper.cursor() as cur:  # still this wrapper's, still open
+        cur.execute("SELECT 2")
+        assert cur.fetchone()[0] == 2
+    wrapper.close()
+    wrapper.dec_thread_sharing()
+    assert alias.stats()["connections_reclaimed"] == 0

@@ -1,65 +1,118 @@
-"""``manage.py poolstatus``: show the pool configuration and this process's pool figures."""
+"""``manage.py poolstatus``: every process's pools on this host, and the server's view."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import time
 from argparse import ArgumentParser
+from collections.abc import Sequence
 from typing import Any
 
-from django.core.management import BaseCommand
+from django.core.management import BaseCommand, CommandError
 
-from ... import registry
+from ... import status
+from ...base import HOSTNAME
 from .._common import (
     add_database_argument,
     database_identity,
+    host_processes,
     pool_config,
-    pool_stats,
+    read_host_snapshots,
     selected_aliases,
+    server_view,
+    unreachable_server_view,
 )
 
-NO_POOL = "no pool in this process yet"
+NO_PROCESS = "no process on this host has a pool of this database"
+NO_SESSION = "no session of this database's pools"
 
-# (heading, get_stats() key) of each figure in the table, after alias and database.
-COLUMNS = (
+# (heading, key of a published pool) of each figure of the host table.
+POOL_COLUMNS = (
     ("size", "pool_size"),
     ("idle", "pool_available"),
     ("in use", "pool_in_use"),
     ("waiting", "requests_waiting"),
+    ("max wait", "longest_wait_s"),
     ("requests", "requests_num"),
+    ("waits", "requests_queued"),
     ("timeouts", "requests_timeouts"),
     ("errors", "requests_errors"),
     ("opened", "connections_num"),
     ("closed", "connections_closed"),
     ("lost", "connections_lost"),
+    ("expired", "connections_expired"),
+)
+# (heading, key of a server-view process) of each count of the server table.
+SERVER_COLUMNS = (
+    ("conns", "connections"),
+    ("active", "active"),
+    ("idle", "idle"),
+    ("idle in xact", "idle_in_transaction"),
+    ("other", "other"),
 )
 
+# A row: its cells, or its leading cells and a message standing for the rest.
+Row = list[str] | tuple[list[str], str]
 
-def _table(rows: list[tuple[str, str, list[str] | None]]) -> list[str]:
-    """Return the table of pools: one row per (alias, database, figures), aligned.
 
-    Names are left-aligned, figures right-aligned under their headings; a row
-    without figures says there is no pool instead.
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 10:
+        return f"{value:.2f}s"
+    return f"{value:.1f}s" if value < 100 else f"{value:.0f}s"
+
+
+def _aged(item: dict[str, Any] | None, key: str, prefix: str = "") -> str:
+    """Return ``"<age> <prefix><item[key]>"`` for an oldest-something figure, or "-"."""
+    if not item:
+        return "-"
+    return f"{_seconds(item['age_s'])} {prefix}{item[key] if item[key] is not None else '?'}"
+
+
+def _table(headings: Sequence[str], text: set[int], rows: list[Row]) -> list[str]:
+    """Return an aligned table (in the way of psql and PgBouncer's SHOW POOLS).
+
+    Columns whose index is in ``text`` are left-aligned, the others (figures)
+    right-aligned. A row given as (cells, message) has the message in place
+    of its missing cells.
     """
-    headings = ["alias", "database", *(heading for heading, _ in COLUMNS)]
-    cells = [headings, *([alias, name, *(figures or [])] for alias, name, figures in rows)]
-    widths = [max(len(row[i]) for row in cells if i < len(row)) for i in range(len(headings))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headings, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    for alias, name, figures in rows:
-        left = f"{alias.ljust(widths[0])}  {name.ljust(widths[1])}"
-        if figures is None:
-            lines.append(f"{left}  {NO_POOL}")
-        else:
-            right = (f.rjust(w) for f, w in zip(figures, widths[2:], strict=True))
-            lines.append("  ".join([left, *right]))
+    widths = [len(heading) for heading in headings]
+    for row in rows:
+        cells = row if isinstance(row, list) else row[0]
+        for i, cell in enumerate(cells):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        aligned = [
+            cell.ljust(widths[i]) if i in text or i >= len(widths) else cell.rjust(widths[i])
+            for i, cell in enumerate(cells)
+        ]
+        return "  ".join(aligned).rstrip()
+
+    lines = [line(headings), "  ".join("-" * w for w in widths)]
+    for row in rows:
+        lines.append(line(row) if isinstance(row, list) else line([*row[0], row[1]]))
     return lines
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    return value
 
 
 class Command(BaseCommand):
     help = (
-        "Show the pool configuration of each database on ENGINE 'django_pgpool' and the "
-        "figures of this process's pools. Never shows a password."
+        "Show the pools of each database on ENGINE 'django_pgpool': every process on this "
+        "host that uses them, with exact figures; the server's view (pg_stat_activity) of "
+        "their sessions, from every host; and the configuration. Never shows a password."
     )
 
     requires_system_checks: list[str] = []
@@ -71,48 +124,152 @@ class Command(BaseCommand):
             choices=["text", "json"],
             default="text",
             dest="output_format",
-            help="Output format: aligned text (default) or one JSON document.",
+            help="Output format: aligned tables (default) or one JSON document.",
+        )
+        parser.add_argument(
+            "--watch",
+            type=_positive_seconds,
+            metavar="SECONDS",
+            help="Show it again every SECONDS until interrupted (Ctrl-C). With --format "
+            "json, one document per line.",
         )
 
-    def handle(self, *, databases: list[str] | None, output_format: str, **options: Any) -> None:
-        report = {
+    def handle(
+        self,
+        *,
+        databases: list[str] | None,
+        output_format: str,
+        watch: float | None,
+        **options: Any,
+    ) -> None:
+        aliases = selected_aliases(databases)
+        for alias in aliases:
+            pool_config(alias)  # invalid OPTIONS: a CommandError before anything is shown
+        if watch is None:
+            document, errors = self.report(aliases)
+            self.write(document, output_format, compact=False)
+            if errors:
+                raise CommandError("; ".join(errors))
+            return
+        clear = output_format == "text" and self.stdout.isatty()
+        try:
+            while True:
+                document, _ = self.report(aliases)  # an outage is shown, and watched
+                if clear:
+                    self.stdout.write("\x1b[H\x1b[2J", ending="")
+                self.write(document, output_format, compact=True)
+                if output_format == "text":
+                    self.stdout.write(f"\n(every {watch:g} s; Ctrl-C to stop)\n")
+                self.stdout.flush()
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            return
+
+    def report(self, aliases: list[str]) -> tuple[dict[str, Any], list[str]]:
+        """Return the JSON document, and why a database could not be reached, if one couldn't."""
+        snapshots = read_host_snapshots()
+        databases: dict[str, dict[str, Any]] = {
             alias: {
                 "config": pool_config(alias),
                 "database": database_identity(alias),
-                "pools": [pool_stats(entry) for entry in registry.entries(alias)],
+                "processes": host_processes(alias, snapshots),
             }
-            for alias in selected_aliases(databases)
+            for alias in aliases
         }
-        if output_format == "json":
-            self.stdout.write(json.dumps({"pid": os.getpid(), "databases": report}, indent=2))
-        else:
-            self._write_text(report)
+        errors = []
+        for alias in aliases:
+            try:
+                databases[alias]["server"] = server_view(alias)
+            except CommandError as exc:
+                errors.append(str(exc))
+                databases[alias]["server"] = unreachable_server_view(str(exc))
+        document = {
+            "host": HOSTNAME,
+            "pid": os.getpid(),
+            "time": round(time.time(), 3),
+            "status_dir": str(status.status_dir(create=False)),
+            "databases": databases,
+        }
+        return document, errors
 
-    def _write_text(self, report: dict[str, dict[str, Any]]) -> None:
-        self.stdout.write(
-            f"Pools of process {os.getpid()} (each process has its own; "
-            "other processes' pools are not shown)."
-        )
+    def write(self, document: dict[str, Any], output_format: str, compact: bool) -> None:
+        if output_format == "json":
+            self.stdout.write(json.dumps(document, indent=None if compact else 2))
+        else:
+            self._write_text(document)
+
+    def _write_text(self, document: dict[str, Any]) -> None:
+        moment = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(document["time"]))
+        self.stdout.write(f"Host {document['host']}, {moment} (poolstatus pid {document['pid']})")
+        report: dict[str, dict[str, Any]] = document["databases"]
         if not report:
             self.stdout.write("No database uses ENGINE 'django_pgpool'.")
             return
-        rows: list[tuple[str, str, list[str] | None]] = []
-        for alias, info in report.items():
-            if not info["pools"]:
-                rows.append((alias, info["database"]["NAME"], None))
-            for stats in info["pools"]:
-                figures = [str(stats[key]) for _, key in COLUMNS]
-                rows.append((alias, stats["database"].get("dbname", ""), figures))
+
         self.stdout.write("")
-        for line in _table(rows):
+        self.stdout.write(
+            self.style.MIGRATE_HEADING(
+                "Pools of the processes on this host (as published, at most a second ago):"
+            )
+        )
+        headings = ["alias", "database", "pid", *(h for h, _ in POOL_COLUMNS), "oldest checkout"]
+        rows: list[Row] = []
+        for alias, info in report.items():
+            if not info["processes"]:
+                rows.append(([alias, info["database"]["NAME"]], NO_PROCESS))
+            for process in info["processes"]:
+                for pool in process["pools"]:
+                    waiting = pool["requests_waiting"] > 0
+                    figures = [
+                        (_seconds(pool[key] if waiting else None))
+                        if key == "longest_wait_s"
+                        else str(pool[key])
+                        for _, key in POOL_COLUMNS
+                    ]
+                    name = pool["database"].get("dbname", "")
+                    thread = _aged(pool["oldest_checkout"], "thread")
+                    rows.append([alias, name, str(process["pid"]), *figures, thread])
+        for line in _table(headings, {0, 1, len(headings) - 1}, rows):
+            self.stdout.write(line)
+
+        self.stdout.write("")
+        self.stdout.write(
+            self.style.MIGRATE_HEADING(
+                "Sessions on the server (pg_stat_activity, from every host):"
+            )
+        )
+        headings = ["alias", "database", "host", "pid", *(h for h, _ in SERVER_COLUMNS)]
+        headings += ["oldest backend", "longest idle in xact"]
+        rows = []
+        for alias, info in report.items():
+            server = info["server"]
+            if server["error"] is not None:
+                rows.append(([alias, info["database"]["NAME"]], f"ERROR: {server['error']}"))
+            elif not server["processes"]:
+                rows.append(([alias, server["database"]], NO_SESSION))
+            for process in server["processes"]:
+                counts = [str(process[key]) for _, key in SERVER_COLUMNS]
+                rows.append(
+                    [
+                        alias,
+                        server["database"],
+                        process["host"],
+                        str(process["pid"]),
+                        *counts,
+                        _aged(process["oldest_backend"], "pid", "pid "),
+                        _aged(process["longest_idle_in_transaction"], "pid", "pid "),
+                    ]
+                )
+        text = {0, 1, 2, len(headings) - 2, len(headings) - 1}
+        for line in _table(headings, text, rows):
             self.stdout.write(line)
 
         for alias, info in report.items():
             database = info["database"]
-            options = ", ".join(f"{key}={value}" for key, value in database["OPTIONS"].items())
+            libpq = ", ".join(f"{key}={value}" for key, value in database["OPTIONS"].items())
             settings = [
                 *((key, database[key]) for key in ("NAME", "HOST", "PORT", "USER")),
-                ("OPTIONS", options or "-"),
+                ("OPTIONS", libpq or "-"),
                 *info["config"].items(),
             ]
             width = max(len(key) for key, _ in settings)
