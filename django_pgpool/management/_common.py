@@ -49,9 +49,9 @@ __all__ = [
     "selected_aliases",
     "server_view",
     "shown_options",
-    "still_connected",
     "terminate",
     "unreachable_server_view",
+    "wait_until_gone",
 ]
 
 #: The ENGINE values that select this backend.
@@ -484,11 +484,16 @@ def terminate(alias: str, include_active: bool, idle_for: float) -> Termination:
     return Termination(database, terminated, left)
 
 
-def still_connected(alias: str, pids: Iterable[int]) -> list[int]:
-    """Return which of these server process ids still have a session."""
+def wait_until_gone(alias: str, pids: Iterable[int], deadline: float, poll: float) -> list[int]:
+    """Wait until these server sessions have ended, or the (monotonic) deadline.
+
+    Return those still there.
+    """
     pids = list(pids)
-    if not pids:
-        return []
     with _server_cursor(alias, "poolclose", "poolclose --wait") as cursor:
-        cursor.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", [pids])
-        return sorted(pid for (pid,) in cursor.fetchall())
+        while True:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", [pids])
+            remaining = sorted(pid for (pid,) in cursor.fetchall())
+            if not remaining or time.monotonic() >= deadline:
+                return remaining
+            time.sleep(poll)

@@ -16,6 +16,7 @@ import time
 from argparse import ArgumentParser
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import BaseCommand, CommandError
 
 from ... import maintenance, registry, status
@@ -25,8 +26,8 @@ from .._common import (
     host_processes,
     read_host_snapshots,
     selected_aliases,
-    still_connected,
     terminate,
+    wait_until_gone,
 )
 
 #: Seconds ``--wait`` waits when given no value.
@@ -79,7 +80,6 @@ class Command(BaseCommand):
         parser.add_argument(
             "--idle-for",
             type=_seconds,
-            default=DEFAULT_IDLE_FOR,
             metavar="SECONDS",
             help="With --kill: end only the sessions idle for at least SECONDS (default "
             f"{DEFAULT_IDLE_FOR:g}); a session lent to a request is idle between two statements.",
@@ -110,13 +110,15 @@ class Command(BaseCommand):
         databases: list[str] | None,
         kill: bool,
         include_active: bool,
-        idle_for: float,
+        idle_for: float | None,
         wait: float | None,
         this_process: bool,
         **options: Any,
     ) -> None:
         if include_active and not kill:
             raise CommandError("--include-active goes with --kill")
+        if idle_for is not None and not kill:
+            raise CommandError("--idle-for goes with --kill")
         if this_process and kill:
             raise CommandError("--this-process and --kill can't be combined")
         if this_process and wait is not None:
@@ -132,7 +134,9 @@ class Command(BaseCommand):
             self._close_this_process(aliases)
         elif kill:
             for alias in aliases:
-                self._kill(alias, include_active, idle_for, wait)
+                self._kill(
+                    alias, include_active, DEFAULT_IDLE_FOR if idle_for is None else idle_for, wait
+                )
         else:
             self._reconnect(aliases, wait)
 
@@ -150,7 +154,7 @@ class Command(BaseCommand):
         requested_at = time.monotonic()
         try:
             generations = status.request_reconnect(aliases)
-        except Exception as exc:  # the status directory: ImproperlyConfigured or OSError
+        except (ImproperlyConfigured, OSError) as exc:  # the status directory
             raise CommandError(f"couldn't ask for a reconnect: {exc}") from exc
         targets: dict[str, list[int]] = {}
         for alias in aliases:
@@ -266,15 +270,13 @@ class Command(BaseCommand):
             )
         if wait is None or not result.terminated:
             return
-        deadline = started + wait
         pids = [backend.pid for backend in result.terminated]
-        while (remaining := still_connected(alias, pids)) and time.monotonic() < deadline:
-            time.sleep(POLL)
+        remaining = wait_until_gone(alias, pids, started + wait, POLL)
         elapsed = time.monotonic() - started
         if remaining:
             raise CommandError(
-                f"after {elapsed:.1f} s, {_plural(len(remaining), 'ended session')} of {where} "
-                f"are still there (server pids {_pids(remaining)})"
+                f"after {elapsed:.1f} s, these ended sessions of {where} are still there: "
+                f"server pids {_pids(remaining)}"
             )
         self.stdout.write(
             self.style.SUCCESS(
