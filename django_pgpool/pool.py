@@ -118,12 +118,13 @@ class _Waiter:
     """A caller in line. The pool fills in ``conn``, ``granted`` or ``error``
     under the pool lock, then calls ``wake()``; only the waiter reads them."""
 
-    __slots__ = ("_ready", "conn", "error", "granted", "since")
+    __slots__ = ("_ready", "conn", "error", "granted", "since", "thread")
 
     def __init__(self) -> None:
         self._ready = threading.Lock()
         self._ready.acquire()
         self.since = time.monotonic()
+        self.thread = threading.current_thread()
         self.conn: PooledConnection | None = None
         self.granted = False  # a slot to open a new connection in
         self.error: BaseException | None = None
@@ -554,6 +555,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         if self._waiters:
             waiter = self._waiters.popleft()
             self._used[id(conn)] = conn
+            # The waiter's from now on (for status and dead-borrower checks).
+            conn.borrower, conn.borrowed_at = waiter.thread, time.monotonic()
             waiter.conn = conn
             waiter.wake()
         else:

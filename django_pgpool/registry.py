@@ -73,6 +73,7 @@ def get_pool(
     key = (os.getpid(), _digest(params, (options, extra_key)))
     entry = _pools.get(key)  # dict reads are atomic: the common case takes no lock
     if entry is None or alias not in entry.aliases:
+        created = False
         with _lock:
             entry = _pools.get(key)
             if entry is None:
@@ -93,10 +94,12 @@ def get_pool(
                 )
                 entry = PoolEntry(key, pool, options, database=database)
                 _pools[key] = entry
-                from . import status  # Django-aware; imported here to avoid a cycle
-
-                status.start_publishing()
+                created = True
             entry.aliases = entry.aliases | {alias}
+        if created:
+            from . import status  # Django-aware; imported here to avoid a cycle
+
+            status.start_publishing()  # reads a file: not under the lock
     return entry.pool
 
 

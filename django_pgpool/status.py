@@ -114,13 +114,13 @@ def snapshot() -> dict[str, Any]:
 def publish() -> None:
     """Write this process's snapshot if it changed; act on reconnect requests."""
     _act_on_reconnect_requests()
-    body = snapshot()
+    body = {**snapshot(), "reconnect_seen": dict(_seen_generations or {})}
     pid = os.getpid()
     with _lock:
         if _published["pid"] == pid and _published["body"] == body:
             return
     path = status_dir() / f"{pid}.json"
-    document = {**body, "updated": time.time(), "reconnect_seen": dict(_seen_generations or {})}
+    document = {**body, "updated": time.time()}
     _write_atomically(path, json.dumps(document, sort_keys=True))
     with _lock:
         first = _published["pid"] != pid
@@ -136,7 +136,13 @@ def _remove_own_snapshot(pid: int, path: Path) -> None:
 
 
 def start_publishing() -> None:
-    """Publish from the maintenance thread from now on (idempotent)."""
+    """Publish from the maintenance thread from now on (idempotent).
+
+    The reconnect requests made before now were for other processes (or
+    this one's parent): adopt them, so that any later one is acted on.
+    """
+    with contextlib.suppress(ImproperlyConfigured, OSError):
+        _act_on_reconnect_requests()
     maintenance.add_hook(_publish_quietly)
 
 
@@ -166,6 +172,8 @@ def read_snapshots() -> list[dict[str, Any]]:
     for path in sorted(directory.iterdir()):
         match = _SNAPSHOT_NAME.match(path.name)
         if not match:
+            if path.name.startswith(".tmp-"):
+                _remove_if_stale(path)
             continue
         pid = int(match.group(1))
         if not _alive(pid):
@@ -177,6 +185,13 @@ def read_snapshots() -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue  # removed or replaced while reading: it will be back
     return snapshots
+
+
+def _remove_if_stale(path: Path, age: float = 60.0) -> None:
+    """Remove a temporary file a writer left behind (killed between write and rename)."""
+    with contextlib.suppress(OSError):
+        if time.time() - path.stat().st_mtime > age:
+            path.unlink()
 
 
 def read_reconnect_generations() -> dict[str, int]:
