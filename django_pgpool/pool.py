@@ -401,9 +401,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         psycopg2 can't time out a query on a link that stalls; shutting the
         socket down makes libpq's read end at once with an error.
         """
+        seconds = max(seconds, 0.1)
         with self._lock:
-            self._deadlines[id(conn)] = (conn, time.monotonic() + max(seconds, 0.1))
-        maintenance.wake()  # so that it wakes up in time for this deadline
+            self._deadlines[id(conn)] = (conn, time.monotonic() + seconds)
+        if seconds < maintenance.INTERVAL:
+            maintenance.wake()  # its next round would come too late for this one
         try:
             yield
         finally:
@@ -529,9 +531,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             reason = CONNECTIONS_EXPIRED
         else:
             dirty_before = conn.session_dirty
-            with self._deadline(conn, self.timeout):
-                reset_ok = reset_session(conn, always=self.reset == "always")
-            if reset_ok:
+            if reset_session(
+                conn,
+                always=self.reset == "always",
+                guard=lambda: self._deadline(conn, self.timeout),
+            ):
                 conn.returned_at = time.monotonic()
                 with self._lock:
                     if dirty_before or self.reset == "always":

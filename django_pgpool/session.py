@@ -25,6 +25,7 @@ session state on its own) is the documented limit of ``reset="auto"``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import threading
@@ -220,10 +221,15 @@ def _default(value: Any) -> Any:
     return "DEFAULT" if value is None else value
 
 
-def reset_session(conn: PooledConnection, always: bool) -> bool:
+def reset_session(
+    conn: PooledConnection,
+    always: bool,
+    guard: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+) -> bool:
     """Bring ``conn`` back to its baseline; return False if it must be discarded.
 
-    Runs outside the pool lock (it may do network I/O) by the returning thread.
+    Runs outside the pool lock by the returning thread. ``guard()`` wraps the
+    round trips, when there are any (the pool bounds them in time).
     """
     base = conn.baseline
     if conn.closed or base is None:
@@ -236,12 +242,13 @@ def reset_session(conn: PooledConnection, always: bool) -> bool:
         return False
     try:
         if status != ext.TRANSACTION_STATUS_IDLE:
-            if conn.autocommit:
-                # A BEGIN sent by hand in autocommit mode: psycopg2 doesn't know of it.
-                with conn.cursor() as cur:
-                    cur.execute("ROLLBACK")
-            else:
-                conn.rollback()
+            with guard():
+                if conn.autocommit:
+                    # A BEGIN sent by hand in autocommit mode: psycopg2 doesn't know of it.
+                    with conn.cursor() as cur:
+                        cur.execute("ROLLBACK")
+                else:
+                    conn.rollback()
         dirty = (
             always
             or conn.session_dirty
@@ -250,18 +257,19 @@ def reset_session(conn: PooledConnection, always: bool) -> bool:
             or _reported_values(conn, base.parameter_names) != base.parameter_values
         )
         if dirty:
-            # ABORT (if psycopg2 opened a transaction) + DISCARD ALL; session
-            # defaults given at connect time (libpq options) survive it. It
-            # also sets the client-side flags back to psycopg2's defaults.
-            conn.reset()
-            if conn.autocommit != base.autocommit:
-                conn.autocommit = base.autocommit
-            if _session_flags_changed(conn, base):
-                conn.set_session(
-                    isolation_level=_default(base.isolation_level),
-                    readonly=_default(base.readonly),
-                    deferrable=_default(base.deferrable),
-                )
+            with guard():
+                # ABORT (if psycopg2 opened a transaction) + DISCARD ALL; session
+                # defaults given at connect time (libpq options) survive it. It
+                # also sets the client-side flags back to psycopg2's defaults.
+                conn.reset()
+                if conn.autocommit != base.autocommit:
+                    conn.autocommit = base.autocommit
+                if _session_flags_changed(conn, base):
+                    conn.set_session(
+                        isolation_level=_default(base.isolation_level),
+                        readonly=_default(base.readonly),
+                        deferrable=_default(base.deferrable),
+                    )
         elif conn.autocommit != base.autocommit:
             # Free while no transaction is open: psycopg2 sends nothing.
             conn.autocommit = base.autocommit
