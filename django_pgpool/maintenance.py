@@ -40,10 +40,14 @@ _wakeup = threading.Event()
 
 
 def register(pool: ConnectionPool) -> None:
-    """Have ``pool`` maintained; start the thread if this process has none."""
+    """Have ``pool`` maintained; start the thread if this process has none.
+
+    No round is asked for now: the pool's first borrower is about to open a
+    connection, and a refill racing it would open minconn + 1.
+    """
     with _lock:
         _pools.add(pool)
-    wake()
+        _ensure_thread()
 
 
 def add_hook(hook: Callable[[], None]) -> None:
@@ -61,12 +65,17 @@ def remove_hook(hook: Callable[[], None]) -> None:
 
 def wake() -> None:
     """Ask for a round of maintenance now (e.g. a pool fell below minconn)."""
-    global _thread
     with _lock:
-        if _thread is None or not _thread.is_alive():
-            _thread = threading.Thread(target=_run, name="django_pgpool-maintenance", daemon=True)
-            _thread.start()
+        _ensure_thread()
     _wakeup.set()
+
+
+def _ensure_thread() -> None:
+    """Start the maintenance thread if this process has none. ``_lock`` held."""
+    global _thread
+    if _thread is None or not _thread.is_alive():
+        _thread = threading.Thread(target=_run, name="django_pgpool-maintenance", daemon=True)
+        _thread.start()
 
 
 def _run() -> None:
