@@ -308,6 +308,13 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         self._pgpool = pool
         return connection
 
+    def _set_autocommit(self, autocommit: bool) -> None:
+        # Pooled connections are already in autocommit mode at each borrow;
+        # psycopg2's setter releases the GIL even when nothing changes.
+        if self.pooled and self.connection.autocommit == autocommit:
+            return
+        super()._set_autocommit(autocommit)  # type: ignore[misc]
+
     def _configure_role(self, connection: Any) -> bool:
         # Pooled connections got the role at connect time (libpq options).
         if self.pooled:

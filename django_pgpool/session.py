@@ -83,7 +83,15 @@ def changes_session(sql: Any) -> bool:
     elif not isinstance(sql, str):
         # psycopg2.sql.Composable and the like: we cannot read it cheaply.
         return True
-    return bool(_LEADING.search(sql) or _ANYWHERE.search(sql))
+    # Cheap tests first: this runs for every statement. Without a ';' only the
+    # start of the text can begin a statement, and _ANYWHERE can only match
+    # text that contains one of its few words.
+    if _LEADING.match(sql) if ";" not in sql else _LEADING.search(sql):
+        return True
+    lowered = sql.lower()
+    if "temp" in lowered or "set_config" in lowered or "advisory_lock" in lowered:
+        return bool(_ANYWHERE.search(sql))
+    return False
 
 
 class TrackingCursor(ext.cursor):
