@@ -114,6 +114,70 @@ REFILL_BACKOFF = 2.0
 LIFETIME_JITTER = 0.05
 
 
+class _ForkGate:
+    """Keep fork() out of connects: a child forked while another thread was
+    inside libpq's connect inherits libpq's and OpenSSL's internal locks held,
+    and its own first connect then blocks forever.
+
+    Connects hold the gate shared; fork() (``before`` hook) waits until none
+    is in progress, at most FORK_WAIT seconds, and holds new ones back until
+    it has happened. ``_cond`` guards ``_active`` and ``_forking``.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._forking = False
+
+    @contextlib.contextmanager
+    def connecting(self) -> Iterator[None]:
+        with self._cond:
+            while self._forking:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        with self._cond:
+            self._forking = True
+            self._cond.wait_for(lambda: self._active == 0, timeout=FORK_WAIT)
+
+    def after_fork_in_parent(self) -> None:
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+
+FORK_WAIT = 15.0
+_fork_gate = _ForkGate()
+
+
+# Named functions, not bound methods: the child replaces _fork_gate.
+def _gate_before_fork() -> None:
+    _fork_gate.before_fork()
+
+
+def _gate_after_fork_in_parent() -> None:
+    _fork_gate.after_fork_in_parent()
+
+
+def _gate_after_fork_in_child() -> None:
+    global _fork_gate
+    _fork_gate = _ForkGate()  # the parent's may be held: start afresh
+
+
+os.register_at_fork(
+    before=_gate_before_fork,
+    after_in_parent=_gate_after_fork_in_parent,
+    after_in_child=_gate_after_fork_in_child,
+)
+
+
 class _Waiter:
     """A caller in line. The pool fills in ``conn``, ``granted`` or ``error``
     under the pool lock, then calls ``wake()``; only the waiter reads them."""
@@ -464,7 +528,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         """Open and configure a new connection (no lock held; the slot is reserved)."""
         started = time.monotonic()
         try:
-            conn: PooledConnection = psycopg2.connect(*self._args, **self._kwargs)
+            with _fork_gate.connecting():
+                conn: PooledConnection = psycopg2.connect(*self._args, **self._kwargs)
             try:
                 if self._configure is not None:
                     self._configure(conn)
