@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             "something else is running; figures will be noisier"
         )
     began = time.monotonic()
+    commit_before = _commit()
     pythons = environments.interpreters({strategies.BY_KEY[key].venv for key in chosen})
     pgbouncer = environments.ensure_pgbouncer() if "pgbouncer" in chosen else None
 
@@ -460,7 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": os.getloadavg()[0],
         "minutes": (time.monotonic() - began) / 60,
         "quick": args.quick,
-        "commit": _commit(),
+        # Each worker imports django_pgpool afresh: say so if it changed meanwhile.
+        "commit": commit_before
+        if _commit() == commit_before
+        else f"{commit_before} -> {_commit()} (changed during the run)",
     }
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
