@@ -15,10 +15,13 @@ I/O), so a slow server never blocks the threads that could be served from
 idle connections. (The one system call made under it is a zero-timeout
 ``poll()`` of idle sockets during maintenance, which never blocks.)
 
-A connection being opened, checked, reset or closed is outside both
-``_idle`` and ``_used`` but still counted in ``_nconns``: its *slot* is
-reserved, so the pool never has more than ``maxconn`` connections, counting
-the ones being opened.
+A connection being opened, checked or closed is outside both ``_idle`` and
+``_used`` but still counted in ``_nconns``: its *slot* is reserved, so the
+pool never has more than ``maxconn`` connections, counting the ones being
+opened. A connection being reset at return is still in ``_used`` (its
+borrower's) until putconn() takes the lock once to hand it on: fewer lock
+acquisitions mean fewer chances of a GIL switch while the lock is held,
+which makes the next borrower block.
 
 Waiters queue in FIFO order. A returned connection (or a freed slot) is
 handed directly to the longest waiter under the lock, which then releases
@@ -34,7 +37,6 @@ import contextlib
 import logging
 import os
 import random
-import select
 import socket
 import threading
 import time
@@ -49,6 +51,7 @@ import psycopg2.pool
 
 from . import maintenance
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
+from .probe import input_probe
 from .session import Baseline, PooledConnection, reset_session
 
 __all__ = ["STATS_KEYS", "ConnectionPool"]
@@ -207,12 +210,11 @@ class _Waiter:
 def _has_pending_input(conn: PooledConnection) -> bool:
     """Return True if an idle connection's socket is readable: the server spoke
     (an idle session only hears from it on a fatal error) or closed it."""
-    poller = conn.poller
-    if poller is None:
-        # Kept per connection: only the thread holding the connection polls it.
-        poller = conn.poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-    return bool(poller.poll(0))
+    probe = conn.input_probe
+    if probe is None:
+        # Kept per connection: only the thread holding the connection calls it.
+        probe = conn.input_probe = input_probe(conn.fileno())
+    return probe()
 
 
 def _orphaned(conn: PooledConnection) -> bool:
@@ -570,47 +572,57 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             # Inherited through fork(): the parent owns the session.
             detach_inherited(conn)
             return
+        conn_id = id(conn)
+        # Reset before taking the lock, so that a return takes it once: under
+        # the GIL, every acquisition is a chance that the holder is switched
+        # out inside it and the next borrower blocks (a thread switch each).
+        # Only while the connection is checked out from here (a dict read is
+        # atomic): a foreign or twice-returned one is refused below, untouched.
+        # The lock's check below is the one that counts.
+        outcome = None  # None: not reset; else the reset's result
+        reset_counts = False
+        if not (close or self.closed or conn.reclaimed) and self._used.get(conn_id) is conn:
+            if conn.expires_at <= time.monotonic() or conn.created_at < self._reconnected_at:
+                outcome = CONNECTIONS_EXPIRED
+            else:
+                reset_counts = conn.session_dirty or self.reset == "always"
+                kept = reset_session(
+                    conn,
+                    always=self.reset == "always",
+                    guard=lambda: self._deadline(conn, self.timeout),
+                )
+                outcome = "kept" if kept else RETURNS_BAD
+        returned_at = conn.returned_at = time.monotonic()
         with self._lock:
             if conn.reclaimed:
                 return  # closed already: its borrower's thread had exited
-            if self._used.get(id(conn)) is not conn:
+            if self._used.get(conn_id) is not conn:
                 raise psycopg2.pool.PoolError(
                     f"connection returned to {self.name} is not checked out from it "
                     "(returned twice, or taken from another pool)"
                 )
-            del self._used[id(conn)]
+            del self._used[conn_id]
             # No longer this thread's: a handed-over connection must not look
             # orphaned if this thread exits before the waiter runs.
             conn.borrower = None
-            if key is None and self._keys:
-                key = next((k for k, c in self._keys.items() if c is conn), None)
-            if key is not None:
-                self._keys.pop(key, None)
-            self._stats[USAGE_MS] += int((time.monotonic() - conn.borrowed_at) * 1000)
+            if self._keys:
+                if key is None:
+                    key = next((k for k, c in self._keys.items() if c is conn), None)
+                if key is not None:
+                    self._keys.pop(key, None)
+            self._stats[USAGE_MS] += int((returned_at - conn.borrowed_at) * 1000)
             closing = close or self.closed
+            if outcome == "kept" and not closing:
+                if reset_counts:
+                    self._stats[RETURNS_RESET] += 1
+                self._make_available(conn)
+                return
+            # Reserved for closing below: the slot stays counted until then.
 
-        reason = None
-        if closing:
-            pass
-        elif conn.expires_at <= time.monotonic() or conn.created_at < self._reconnected_at:
-            reason = CONNECTIONS_EXPIRED
-        else:
-            dirty_before = conn.session_dirty
-            if reset_session(
-                conn,
-                always=self.reset == "always",
-                guard=lambda: self._deadline(conn, self.timeout),
-            ):
-                conn.returned_at = time.monotonic()
-                with self._lock:
-                    if dirty_before or self.reset == "always":
-                        self._stats[RETURNS_RESET] += 1
-                    if not self.closed:
-                        self._make_available(conn)
-                        return
-            else:
-                reason = RETURNS_BAD
-
+        reason = None if closing or outcome == "kept" else outcome
+        if outcome is None and not closing:
+            # Not reset above: close it, as a broken one (it wasn't ours to reset).
+            reason = RETURNS_BAD
         _close_quietly(conn)
         self._log(logging.DEBUG, "connection closed at return (%s)", _why(reason, closing))
         with self._lock:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import select
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,7 +146,7 @@ class PooledConnection(ext.connection):
     returned_at: float
     borrowed_at: float
     pool_pid: int
-    poller: select.poll | None
+    input_probe: Callable[[], bool] | None
     borrower: threading.Thread | None
     borrow_stack: str
     leak_reported: bool
@@ -162,7 +161,7 @@ class PooledConnection(ext.connection):
         self.baseline = None
         self.created_at = self.expires_at = self.returned_at = self.borrowed_at = 0.0
         self.pool_pid = 0
-        self.poller = None
+        self.input_probe = None
         self.borrower = None
         self.borrow_stack = ""
         self.leak_reported = False
@@ -213,8 +212,8 @@ class Baseline:
 
 
 def _reported_values(conn: PooledConnection, names: tuple[str, ...]) -> tuple[str | None, ...]:
-    status = conn.info.parameter_status
-    return tuple([status(name) for name in names])
+    # map() over the bound method: no Python frame per name (this runs at every return).
+    return tuple(map(conn.info.parameter_status, names))
 
 
 def _session_flags_changed(conn: PooledConnection, base: Baseline) -> bool:
