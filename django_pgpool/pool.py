@@ -592,7 +592,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     guard=lambda: self._deadline(conn, self.timeout),
                 )
                 outcome = "kept" if kept else RETURNS_BAD
-        returned_at = conn.returned_at = time.monotonic()
+        returned_at = time.monotonic()
         with self._lock:
             if conn.reclaimed:
                 return  # closed already: its borrower's thread had exited
@@ -613,6 +613,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             self._stats[USAGE_MS] += int((returned_at - conn.borrowed_at) * 1000)
             closing = close or self.closed
             if outcome == "kept" and not closing:
+                conn.returned_at = returned_at
                 if reset_counts:
                     self._stats[RETURNS_RESET] += 1
                 self._make_available(conn)
