@@ -182,7 +182,6 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         # The pool the current connection was borrowed from: it may no longer
         # be the registry's pool for these settings when it is returned.
         self._pgpool: ConnectionPool | None = None
-        self._pgpool_options: tuple[tuple[Any, ...], PoolOptions] | None = None
         self._pgpool_plan: _BorrowPlan | None = None
         self._pgpool_sharing = _sharing_check(self)
         _wrappers.add(self)
@@ -193,14 +192,10 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
 
     def pool_options(self) -> PoolOptions:
         """Return the validated pool options; raise ImproperlyConfigured if they are wrong."""
-        options = self.settings_dict["OPTIONS"]
-        conn_max_age = self.settings_dict.get("CONN_MAX_AGE", 0)
-        signature = (conn_max_age, *((k, options[k]) for k in sorted(POOL_KEYS & options.keys())))
-        cached = self._pgpool_options
-        if cached is None or cached[0] != signature or options.get("pool"):
-            cached = (signature, parse_options(self.alias, options, conn_max_age))
-            self._pgpool_options = cached
-        return cached[1]
+        # Parsed again only when the settings change: _plan() keeps the result.
+        return parse_options(
+            self.alias, self.settings_dict["OPTIONS"], self.settings_dict.get("CONN_MAX_AGE", 0)
+        )
 
     @property
     def pool(self) -> None:
@@ -241,15 +236,17 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
     def get_connection_params(self) -> dict[str, Any]:
         if self.pooled:
             return dict(self._plan().params)
+        return self._libpq_params()
+
+    def _libpq_params(self) -> dict[str, Any]:
+        """Return Django's connect parameters without the pool's own OPTIONS."""
         params: dict[str, Any] = super().get_connection_params()
         for key in POOL_KEYS:
             params.pop(key, None)
         return params
 
     def _pooled_connection_params(self, options: PoolOptions) -> dict[str, Any]:
-        params: dict[str, Any] = super().get_connection_params()
-        for key in POOL_KEYS:
-            params.pop(key, None)
+        params = self._libpq_params()
         # Give the session its time zone and role at connect time: Django then
         # finds nothing to SET at each borrow, and DISCARD ALL keeps them.
         startup = []
@@ -345,7 +342,6 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         """
         if not self.pooled:
             return
-        params = super().get_connection_params()
-        database = registry.database_of(params)
+        database = registry.database_of(self._libpq_params())
         database.pop("user", None)
         registry.close_pools(database=database)

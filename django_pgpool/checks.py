@@ -9,7 +9,8 @@ from django.core.checks import CheckMessage, Error, register
 
 from .options import option_problems
 
-ENGINE = "django_pgpool"
+#: The ENGINE values that select this backend.
+ENGINES = ("django_pgpool", "django_pgpool.base")
 
 
 @register()
@@ -17,7 +18,7 @@ def check_pool_options(app_configs: Any = None, **kwargs: Any) -> list[CheckMess
     """Report every invalid pool setting of every database on this ENGINE."""
     errors: list[CheckMessage] = []
     for alias, config in settings.DATABASES.items():
-        if config.get("ENGINE") not in (ENGINE, f"{ENGINE}.base"):
+        if config.get("ENGINE") not in ENGINES:
             continue
         for problem in option_problems(
             alias, config.get("OPTIONS", {}), config.get("CONN_MAX_AGE", 0)

@@ -49,19 +49,24 @@ DEFAULTS = PoolOptions()
 #: The OPTIONS keys that belong to the pool and must never reach libpq.
 POOL_KEYS = frozenset(f.name for f in fields(PoolOptions))
 
-# key -> (kind, lowest allowed value, text of the allowed range)
+# key -> (lowest allowed value, text of the allowed range)
 _INT_KEYS = {
     "minconn": (0, "an integer >= 0"),
     "maxconn": (1, "an integer >= 1"),
     "max_waiting": (0, "an integer >= 0 (0 means no limit)"),
 }
+# key -> text of the allowed range (>= 0, and > 0 for those in _STRICTLY_POSITIVE)
 _SECONDS_KEYS = {
-    "timeout": (0.0, "a number of seconds > 0"),
-    "max_lifetime": (0.0, "a number of seconds > 0"),
-    "max_idle": (0.0, "a number of seconds > 0"),
-    "check_after": (0.0, "a number of seconds >= 0 (0 checks every borrow)"),
+    "timeout": "a number of seconds > 0",
+    "max_lifetime": "a number of seconds > 0",
+    "max_idle": "a number of seconds > 0",
+    "check_after": "a number of seconds >= 0 (0 checks every borrow)",
 }
 _STRICTLY_POSITIVE = {"timeout", "max_lifetime", "max_idle"}
+
+
+def _is_finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 class Problem(NamedTuple):
@@ -98,25 +103,14 @@ def option_problems(alias: str, options: Mapping[str, Any], conn_max_age: Any = 
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             bad(key, allowed)
-    for key, (_, allowed) in _SECONDS_KEYS.items():
+    for key, allowed in _SECONDS_KEYS.items():
         if key not in options:
             continue
         value = options[key]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-            or (key in _STRICTLY_POSITIVE and value == 0)
-        ):
+        if not _is_finite_number(value) or value < 0 or (key in _STRICTLY_POSITIVE and value == 0):
             bad(key, allowed)
     leak_timeout = options.get("leak_timeout")
-    if leak_timeout is not None and (
-        isinstance(leak_timeout, bool)
-        or not isinstance(leak_timeout, int | float)
-        or not math.isfinite(leak_timeout)
-        or leak_timeout <= 0
-    ):
+    if leak_timeout is not None and (not _is_finite_number(leak_timeout) or leak_timeout <= 0):
         bad("leak_timeout", "None (off) or a number of seconds > 0")
     if "reset" in options and options["reset"] not in RESET_MODES:
         bad("reset", "one of " + ", ".join(repr(m) for m in RESET_MODES))

@@ -491,7 +491,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         if conn.closed:
             return CONNECTIONS_LOST
         now = time.monotonic()
-        if conn.expires_at <= now or conn.created_at < self._reconnected_at:
+        if self._retired(conn, now):
             return CONNECTIONS_EXPIRED
         try:
             # Free (no round trip): a backend that was terminated has said so.
@@ -506,6 +506,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         except (psycopg2.Error, OSError):
             return CONNECTIONS_LOST
         return None
+
+    def _retired(self, conn: PooledConnection, now: float) -> bool:
+        """Return True if ``conn`` outlived max_lifetime or was opened before reconnect()."""
+        return conn.expires_at <= now or conn.created_at < self._reconnected_at
 
     def _open_in_reserved_slot(self) -> PooledConnection:
         """Open a connection in a slot already counted in ``_nconns``."""
@@ -582,7 +586,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         outcome = None  # None: not reset; else the reset's result
         reset_counts = False
         if not (close or self.closed or conn.reclaimed) and self._used.get(conn_id) is conn:
-            if conn.expires_at <= time.monotonic() or conn.created_at < self._reconnected_at:
+            if self._retired(conn, time.monotonic()):
                 outcome = CONNECTIONS_EXPIRED
             else:
                 reset_counts = conn.session_dirty or self.reset == "always"
@@ -620,10 +624,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 return
             # Reserved for closing below: the slot stays counted until then.
 
-        reason = None if closing or outcome == "kept" else outcome
-        if outcome is None and not closing:
-            # Not reset above: close it, as a broken one (it wasn't ours to reset).
-            reason = RETURNS_BAD
+        # Not kept: expired, failed its reset, or (not reset above: it wasn't
+        # checked out from here a moment before) closed as a broken one.
+        reason = None if closing else outcome or RETURNS_BAD
         _close_quietly(conn)
         self._log(logging.DEBUG, "connection closed at return (%s)", _why(reason, closing))
         with self._lock:
@@ -667,13 +670,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             self._reconnected_at = time.monotonic()
             idle = list(self._idle)
             self._idle.clear()
-            self._stats[CONNECTIONS_EXPIRED] += len(idle)
-            self._stats[CONNECTIONS_CLOSED] += len(idle)
-        for conn in idle:
-            _close_quietly(conn)
-        with self._lock:
-            for _ in idle:
-                self._release_slot()
+        self._close_and_release([(conn, CONNECTIONS_EXPIRED) for conn in idle])
         maintenance.wake()  # refill minconn with new connections
 
     def activity(self) -> dict[str, Any]:
@@ -683,7 +680,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             stats: dict[str, Any] = self._stats_locked()
             longest_wait = now - self._waiters[0].since if self._waiters else 0.0
             oldest = min(self._used.values(), key=lambda c: c.borrowed_at, default=None)
-            retired = sum(1 for c in self._used.values() if c.created_at < self._reconnected_at)
+            retired = self._retired_in_use_locked()
             wait_buckets = list(self._wait_counts)
             oldest_checkout = (
                 {
@@ -704,7 +701,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     def retired_in_use(self) -> int:
         """Return how many connections opened before the last reconnect() are still out."""
         with self._lock:
-            return sum(1 for c in self._used.values() if c.created_at < self._reconnected_at)
+            return self._retired_in_use_locked()
+
+    def _retired_in_use_locked(self) -> int:
+        return sum(1 for c in self._used.values() if c.created_at < self._reconnected_at)
 
     def closeall(self) -> None:
         """Close idle connections now and the others as they are returned. Idempotent."""
@@ -740,7 +740,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             keep: deque[PooledConnection] = deque()
             surplus = self._nconns - self.minconn
             for conn in self._idle:  # oldest returned first
-                if conn.expires_at <= now or conn.created_at < self._reconnected_at:
+                if self._retired(conn, now):
                     to_close.append((conn, CONNECTIONS_EXPIRED))
                     surplus -= 1
                 elif conn.closed or _has_pending_input(conn):

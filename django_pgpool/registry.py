@@ -78,18 +78,12 @@ def get_pool(
             entry = _pools.get(key)
             if entry is None:
                 database = database_of(params)
+                # PoolOptions' fields are ConnectionPool's keyword arguments;
+                # params has none of them (POOL_KEYS never reach libpq).
                 pool = ConnectionPool(
-                    options.minconn,
-                    options.maxconn,
                     name=f"database {alias!r}",
-                    timeout=options.timeout,
-                    max_waiting=options.max_waiting,
-                    max_lifetime=options.max_lifetime,
-                    max_idle=options.max_idle,
-                    check_after=options.check_after,
-                    reset=options.reset,
-                    leak_timeout=options.leak_timeout,
                     configure=configure,
+                    **options.as_dict(),
                     **params,
                 )
                 entry = PoolEntry(key, pool, options, database=database)

@@ -195,7 +195,10 @@ def _remove_if_stale(path: Path, age: float = 60.0) -> None:
 
 
 def read_reconnect_generations() -> dict[str, int]:
-    path = status_dir() / RECONNECT_FILE
+    return _read_generations(status_dir() / RECONNECT_FILE)
+
+
+def _read_generations(path: Path) -> dict[str, int]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -223,7 +226,7 @@ def _act_on_reconnect_requests() -> None:
         if _seen_generations is not None and mtime == _seen_mtime:
             return
         first_look = _seen_generations is None
-        current = read_reconnect_generations()
+        current = _read_generations(path)
         seen = _seen_generations or {}
         due = [] if first_look else [a for a, g in current.items() if g > seen.get(a, 0)]
         _seen_generations, _seen_mtime = current, mtime

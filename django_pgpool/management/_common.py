@@ -32,6 +32,7 @@ from django.db.backends.utils import CursorWrapper
 
 from .. import registry, status
 from ..base import HOSTNAME, NO_DB_ALIAS, TAG_PATTERN, DatabaseWrapper
+from ..checks import ENGINES
 from ..options import POOL_KEYS
 from ..pool import STATS_KEYS
 
@@ -53,9 +54,6 @@ __all__ = [
     "unreachable_server_view",
     "wait_until_gone",
 ]
-
-#: The ENGINE values that select this backend.
-ENGINES = ("django_pgpool", "django_pgpool.base")
 
 #: What is shown in place of an OPTIONS value that may hold a secret.
 HIDDEN = "<hidden>"
