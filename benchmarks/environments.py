@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from strategies import PRODUCTS
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -49,6 +52,18 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen[Any] | No
         if time.monotonic() > deadline:
             raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def stop_group(process: subprocess.Popen[Any], first: signal.Signals, timeout: float) -> None:
+    """Send ``first`` to a process's group (its own session); SIGKILL it after ``timeout`` s."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, first)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def child_environment(extra: dict[str, str]) -> dict[str, str]:
@@ -232,15 +247,9 @@ class PgBouncer:
         return "".join(lines.splitlines(keepends=True)[-20:])
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is not None:
             # SIGINT: PgBouncer's "safe shutdown"; runuser passes it on.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, 2)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
+            stop_group(self.process, signal.SIGINT, 10)
         self.process = None
 
     def cleanup(self) -> None:
@@ -259,8 +268,6 @@ class PgBouncer:
 # --------------------------------------------------------------------------- #
 # The database
 # --------------------------------------------------------------------------- #
-
-PRODUCTS = 100
 
 
 def prepare_database(server: Any, database: str) -> None:

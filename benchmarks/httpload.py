@@ -5,8 +5,8 @@
 Each client thread holds one keep-alive connection and alternates a read
 (GET /api/products/<id>/: one query) and a buy (POST /api/products/<id>/buy/:
 SELECT ... FOR UPDATE and UPDATE in a transaction), ids at random. Requests
-completed during the warm-up are not counted. Stdlib only; runs on the
-loopback interface and stops by itself.
+completed during the warm-up are not counted. Stdlib only (and strategies.py,
+beside it); runs on the loopback interface and stops by itself.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 
-PRODUCTS = 100
+from strategies import PRODUCTS
 
 
 def percentile(ordered: list[float], share: float) -> float:

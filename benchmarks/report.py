@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import strategies
 from strategies import BY_KEY, REFERENCE
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -404,6 +403,18 @@ def text_tables(summary: Summary) -> str:
 # --------------------------------------------------------------------------- #
 
 
+def _grouped_bars(ax: Any, series: list[tuple[str, list[float], str]], width: float) -> None:
+    """Bars side by side at each x = 0, 1, ...: one (label, values, colour) per series."""
+    middle = (len(series) - 1) / 2
+    for m, (label, values, colour) in enumerate(series):
+        xs = [x + (m - middle) * width for x in range(len(values))]
+        ax.bar(xs, values, width, label=label, color=colour)
+
+
+def _strategy_ticks(ax: Any, keys: list[str], **style: Any) -> None:
+    ax.set_xticks(range(len(keys)), [BY_KEY[k].label for k in keys], fontsize=8, **style)
+
+
 def plot(summary: Summary, directory: Path) -> list[Path]:
     import matplotlib
 
@@ -415,6 +426,13 @@ def plot(summary: Summary, directory: Path) -> list[Path]:
     threads = list(summary.inprocess)
     keys = summary.order
     width = 0.8 / len(keys)
+
+    def save(fig: Any, name: str, rect: tuple[float, ...] | None = None) -> None:
+        fig.tight_layout(rect=rect)
+        path = directory / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
 
     # 1. In-process throughput and ratio, by T.
     fig, (ax_rps, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -444,42 +462,27 @@ def plot(summary: Summary, directory: Path) -> list[Path]:
     ax_ratio.set_title("Ratio to CONN_MAX_AGE=None (dashed: 0.97)")
     # Below the plots: inside, it would hide the T=1 bars.
     fig.legend(*ax_rps.get_legend_handles_labels(), loc="lower center", ncol=len(keys), fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path = directory / "bench-inprocess.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "bench-inprocess.png", rect=(0, 0.07, 1, 1))
 
     # 2. Latency (p50, p99, max) at each T, log scale.
     fig, axes = plt.subplots(1, len(threads), figsize=(4.2 * len(threads), 4.2), squeeze=False)
     for ax, t in zip(axes[0], threads, strict=True):
         rows = summary.inprocess[t]
         present = [k for k in keys if k in rows and rows[k].rps]
-        for m, name in enumerate(("p50", "p99", "max")):
-            values = [_median(getattr(rows[k], name)) for k in present]
-            ax.bar(
-                [x + (m - 1) * 0.27 for x in range(len(present))],
-                values,
-                0.27,
-                label=name,
-                color=["#a6cee3", "#1f78b4", "#e31a1c"][m],
-            )
-        ax.set_yscale("log")
-        ax.set_xticks(
-            range(len(present)),
-            [BY_KEY[k].label for k in present],
-            rotation=35,
-            ha="right",
-            fontsize=8,
+        _grouped_bars(
+            ax,
+            [
+                (name, [_median(getattr(rows[k], name)) for k in present], colour)
+                for name, colour in (("p50", "#a6cee3"), ("p99", "#1f78b4"), ("max", "#e31a1c"))
+            ],
+            0.27,
         )
+        ax.set_yscale("log")
+        _strategy_ticks(ax, present, rotation=35, ha="right")
         ax.set_title(f"Latency, T={t} (ms, log)")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    path = directory / "bench-latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "bench-latency.png")
 
     # 3. HTTP.
     if summary.http:
@@ -488,83 +491,60 @@ def plot(summary: Summary, directory: Path) -> list[Path]:
         values = [_median(summary.http[k].rps) for k in present]
         ax_rps.bar(range(len(present)), values, color=[COLOURS[k] for k in present])
         ax_rps.set_title("HTTP: gunicorn gthread, 2 workers x 8 threads: requests/s")
-        for m, name in enumerate(("p50", "p99")):
-            ax_lat.bar(
-                [x + (m - 0.5) * 0.4 for x in range(len(present))],
-                [_median(getattr(summary.http[k], name)) for k in present],
-                0.4,
-                label=name,
-                color=["#a6cee3", "#1f78b4"][m],
-            )
+        _grouped_bars(
+            ax_lat,
+            [
+                (name, [_median(getattr(summary.http[k], name)) for k in present], colour)
+                for name, colour in (("p50", "#a6cee3"), ("p99", "#1f78b4"))
+            ],
+            0.4,
+        )
         ax_lat.set_title("HTTP latency (ms)")
         ax_lat.legend(fontsize=8)
         for ax in (ax_rps, ax_lat):
-            ax.set_xticks(
-                range(len(present)),
-                [BY_KEY[k].label for k in present],
-                rotation=25,
-                ha="right",
-                fontsize=8,
-            )
+            _strategy_ticks(ax, present, rotation=25, ha="right")
             ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        path = directory / "bench-http.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "bench-http.png")
 
     # 4. Microbenchmarks, log scale.
     if summary.django_micro or summary.pool_micro:
         fig, (ax_pool, ax_django) = plt.subplots(1, 2, figsize=(12, 4.2))
         present = [k for k in keys if k in summary.pool_micro]
-        series = (
-            ("borrow + return", "borrow_return", "#2ca02c"),
-            ("with health check", "borrow_return_checked", "#ff7f0e"),
-            ("new connection", "new_connection", "#d62728"),
+        _grouped_bars(
+            ax_pool,
+            [
+                (name, [summary.pool_micro[k][field_name]["median_us"] for k in present], colour)
+                for name, field_name, colour in (
+                    ("borrow + return", "borrow_return", "#2ca02c"),
+                    ("with health check", "borrow_return_checked", "#ff7f0e"),
+                    ("new connection", "new_connection", "#d62728"),
+                )
+            ],
+            0.27,
         )
-        for m, (name, field_name, colour) in enumerate(series):
-            ax_pool.bar(
-                [x + (m - 1) * 0.27 for x in range(len(present))],
-                [summary.pool_micro[k][field_name]["median_us"] for k in present],
-                0.27,
-                label=name,
-                color=colour,
-            )
         ax_pool.axhline(10, color="#2ca02c", linestyle="--", linewidth=1)
-        ax_pool.set_xticks(range(len(present)), [BY_KEY[k].label for k in present], fontsize=8)
+        _strategy_ticks(ax_pool, present)
         ax_pool.set_title("Pool library alone (µs, log; dashed: 10 µs)")
         ax_pool.legend(fontsize=8)
         present = [k for k in keys if k in summary.django_micro]
-        for m, (name, field_name, colour) in enumerate(
-            (
-                ("ensure_connection + close", "ensure_connection_close", "#1f78b4"),
-                ("empty request cycle", "request_cycle", "#a6cee3"),
-            )
-        ):
-            ax_django.bar(
-                [x + (m - 0.5) * 0.4 for x in range(len(present))],
-                [summary.django_micro[k][field_name]["median_us"] for k in present],
-                0.4,
-                label=name,
-                color=colour,
-            )
-        ax_django.set_xticks(
-            range(len(present)),
-            [BY_KEY[k].label for k in present],
-            rotation=25,
-            ha="right",
-            fontsize=8,
+        _grouped_bars(
+            ax_django,
+            [
+                (name, [summary.django_micro[k][field_name]["median_us"] for k in present], colour)
+                for name, field_name, colour in (
+                    ("ensure_connection + close", "ensure_connection_close", "#1f78b4"),
+                    ("empty request cycle", "request_cycle", "#a6cee3"),
+                )
+            ],
+            0.4,
         )
+        _strategy_ticks(ax_django, present, rotation=25, ha="right")
         ax_django.set_title("Django level (µs, log)")
         ax_django.legend(fontsize=8)
         for ax in (ax_pool, ax_django):
             ax.set_yscale("log")
             ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        path = directory / "bench-micro.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "bench-micro.png")
     return written
 
 
@@ -734,4 +714,4 @@ def write_docs(summary: Summary, docs: Path) -> list[Path]:
     return [page, *written]
 
 
-__all__ = ["Summary", "markdown", "plot", "strategies", "summarize", "text_tables", "write_docs"]
+__all__ = ["Summary", "markdown", "plot", "summarize", "text_tables", "write_docs"]

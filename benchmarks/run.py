@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,19 +83,16 @@ FULL = Plan(
     round_trip_requests=50,
     maxconn=strategies.DEFAULT_MAXCONN,
 )
-QUICK = Plan(
+QUICK = replace(
+    FULL,
     rounds=1,
-    threads=(1, 8, 32),
     requests_per_run=320,
     warmup_per_thread=5,
     http_rounds=1,
-    http_clients=32,
     http_warmup=1.0,
     http_seconds=3.0,
     micro_batches=5,
-    round_trip_threads=8,
     round_trip_requests=20,
-    maxconn=strategies.DEFAULT_MAXCONN,
 )
 
 
@@ -163,14 +160,22 @@ class Bench:
                 timeout=timeout,
                 check=False,
             )
-        if proc.returncode != 0 or not proc.stdout.strip():
-            log(f"worker {key} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-            return {"strategy": key, "failed": proc.stderr[-3000:]}
-        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-        result["peak_backends"] = sampler.peak
-        if proc.stderr.strip():
+        result = _child_result(key, proc, sampler.peak)
+        if "failed" in result:
+            log(f"worker {key} {' '.join(args)} failed:\n{result['failed']}")
+        elif proc.stderr.strip():
             result["stderr"] = proc.stderr[-2000:]
         return result
+
+    def _inprocess(
+        self, key: str, threads: int, requests: int, warmup: int, count_round_trips: bool = False
+    ) -> dict[str, Any]:
+        """The in-process workload: ``requests`` per thread after ``warmup`` each."""
+        args = ["inprocess", "--threads", str(threads), "--requests", str(requests)]
+        args += ["--warmup", str(warmup)]
+        if count_round_trips:
+            args.append("--count-round-trips")
+        return self._worker(key, args)
 
     def _order(self, round_index: int) -> list[str]:
         # Interleaved, and rotated each round so no strategy always runs
@@ -194,32 +199,20 @@ class Bench:
     def round_trips(self) -> None:
         for key in self.chosen:
             log(f"round trips per request: {key}")
-            args = [
-                "inprocess",
-                "--threads",
-                str(self.plan.round_trip_threads),
-                "--requests",
-                str(self.plan.round_trip_requests),
-                "--warmup",
-                "5",
-                "--count-round-trips",
-            ]
-            self.results["round_trips"].append(self._worker(key, args))
+            result = self._inprocess(
+                key,
+                self.plan.round_trip_threads,
+                self.plan.round_trip_requests,
+                warmup=5,
+                count_round_trips=True,
+            )
+            self.results["round_trips"].append(result)
 
     def inprocess_round(self, round_index: int) -> None:
         for threads in self.plan.threads:
+            per_thread = max(1, self.plan.requests_per_run // threads)
             for key in self._order(round_index):
-                per_thread = max(1, self.plan.requests_per_run // threads)
-                args = [
-                    "inprocess",
-                    "--threads",
-                    str(threads),
-                    "--requests",
-                    str(per_thread),
-                    "--warmup",
-                    str(self.plan.warmup_per_thread),
-                ]
-                result = self._worker(key, args)
+                result = self._inprocess(key, threads, per_thread, self.plan.warmup_per_thread)
                 result.update(round=round_index, threads=threads, strategy=key)
                 self.results["inprocess"].append(result)
                 log(f"round {round_index + 1} T={threads:<2} {key:<10} {_brief(result)}")
@@ -307,11 +300,10 @@ class Bench:
             except RuntimeError as exc:
                 return {"strategy": key, "failed": str(exc)}
             finally:
-                _stop_group(gunicorn)
-            if proc.returncode != 0 or not proc.stdout.strip():
-                return {"strategy": key, "failed": proc.stderr[-3000:]}
-            result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-            result["peak_backends"] = sampler.peak
+                environments.stop_group(gunicorn, signal.SIGTERM, 15)
+            result = _child_result(key, proc, sampler.peak)
+            if "failed" in result:
+                return result
             server_log = log_path.read_text(errors="replace")
             problems = [
                 line for line in server_log.splitlines() if "Traceback" in line or "Error" in line
@@ -348,15 +340,15 @@ class Bench:
             time.sleep(0.1)
 
 
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def _child_result(
+    key: str, proc: subprocess.CompletedProcess[str], peak_backends: int
+) -> dict[str, Any]:
+    """A child's figures (the last line it printed, JSON), or why there are none."""
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return {"strategy": key, "failed": proc.stderr[-3000:]}
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["peak_backends"] = peak_backends
+    return result
 
 
 def _brief(result: dict[str, Any]) -> str:
@@ -399,15 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.report:
-        summary = report.summarize(json.loads(Path(args.report).read_text(encoding="utf-8")))
-        print(report.text_tables(summary))
-        if args.write_docs:
-            written = report.write_docs(summary, REPO_ROOT / "docs")
-            log(f"wrote {', '.join(str(p.relative_to(REPO_ROOT)) for p in written)}")
+        _report(json.loads(Path(args.report).read_text(encoding="utf-8")), bool(args.write_docs))
         return 0
     plan = QUICK if args.quick else FULL
     if args.rounds:
-        plan = Plan(**{**asdict(plan), "rounds": args.rounds, "http_rounds": args.rounds})
+        plan = replace(plan, rounds=args.rounds, http_rounds=args.rounds)
     chosen = [key for key in args.strategies.split(",") if key]
     unknown = [key for key in chosen if key not in strategies.BY_KEY]
     if unknown or strategies.REFERENCE not in chosen:
@@ -448,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.sampler.close()
         server_version = _server_version(server)
 
+    commit_after = _commit()
     results = bench.results
     results["meta"] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -463,21 +452,25 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         # Each worker imports django_pgpool afresh: say so if it changed meanwhile.
         "commit": commit_before
-        if _commit() == commit_before
-        else f"{commit_before} -> {_commit()} (changed during the run)",
+        if commit_after == commit_before
+        else f"{commit_before} -> {commit_after} (changed during the run)",
     }
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     raw = CACHE_DIR / f"results-{stamp}.json"
     raw.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     log(f"raw figures in {raw}")
+    _report(results, write_docs)
+    return 0
 
+
+def _report(results: dict[str, Any], write_docs: bool) -> None:
+    """Print the tables of a run's raw figures; write the docs page and plots if asked."""
     summary = report.summarize(results)
     print(report.text_tables(summary))
     if write_docs:
         written = report.write_docs(summary, REPO_ROOT / "docs")
         log(f"wrote {', '.join(str(p.relative_to(REPO_ROOT)) for p in written)}")
-    return 0
 
 
 def _server_version(server: Any) -> str:

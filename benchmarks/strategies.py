@@ -12,6 +12,8 @@ from typing import Any
 
 #: The database every strategy uses, on the one throwaway server.
 DATABASE = "pgpool_bench"
+#: Products the runner seeds in it (ids 1..PRODUCTS), which the workloads read and buy.
+PRODUCTS = 100
 #: Most connections every pool may hold per process (PgBouncer: in all).
 DEFAULT_MAXCONN = 16
 

@@ -42,9 +42,7 @@ for _path in (BENCH_DIR, REPO_ROOT / "testproject", REPO_ROOT):
         sys.path.insert(0, str(_path))
 
 import strategies  # noqa: E402
-
-PRODUCTS = 100  # ids 1..100, seeded by the runner
-
+from strategies import PRODUCTS  # noqa: E402
 
 # --------------------------------------------------------------------------- #
 # Round trips
