@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
+import psycopg2
 from django.db import connections
+from psycopg2 import sql
 
 from django_pgpool import base
+from tests.settings import SERVER
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTPROJECT = ROOT / "testproject"
 
 
 def wait_for(
@@ -48,3 +59,114 @@ def scalar(sql: str, using: str = "default") -> Any:
     with connections[using].cursor() as cur:
         cur.execute(sql)
         return cur.fetchone()[0]
+
+
+# -- the test server outside Django, and testproject in subprocesses ------------------
+
+
+def admin_connection(dbname: str = "") -> Any:
+    """A new autocommit superuser connection to the test server (its own database by default)."""
+    conn = psycopg2.connect(**{**SERVER.connect_kwargs(), **({"dbname": dbname} if dbname else {})})
+    conn.autocommit = True
+    return conn
+
+
+def admin_execute(
+    statement: sql.Composable | str, args: Sequence[Any] | None = None, dbname: str = ""
+) -> list[Any]:
+    """Run one statement on a connection of its own (``admin_connection``); return the rows."""
+    conn = admin_connection(dbname)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(statement, args)
+            return cursor.fetchall() if cursor.description else []
+    finally:
+        conn.close()
+
+
+def drop_database(name: str) -> None:
+    """DROP DATABASE IF EXISTS, ending its sessions first from PostgreSQL 13 on (FORCE)."""
+    drop: sql.Composable = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
+    conn = admin_connection()
+    try:
+        if conn.server_version >= 130000:
+            drop = sql.SQL("{} WITH (FORCE)").format(drop)
+        with conn.cursor() as cursor:
+            cursor.execute(drop)
+    finally:
+        conn.close()
+
+
+@contextmanager
+def scratch_database(name: str) -> Iterator[str]:
+    """A new database on the test server (a leftover of that name dropped first); dropped after."""
+    drop_database(name)
+    admin_execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        drop_database(name)
+
+
+def project_env(
+    database: str, maxconn: int, status_dir: Path | None = None, **extra: str
+) -> dict[str, str]:
+    """The environment of testproject's processes: the test server, a database, a small pool.
+
+    ``status_dir`` becomes DJANGO_PGPOOL_STATUS_DIR; ``extra`` variables are added last.
+    """
+    environ = {
+        **os.environ,
+        **SERVER.env(),
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",  # not this process's tests.settings
+        "TESTPROJECT_DATABASE": database,
+        "PGPOOL_MINCONN": "1",
+        "PGPOOL_MAXCONN": str(maxconn),
+        "PGPOOL_TIMEOUT": "10",
+    }
+    if status_dir is not None:
+        environ["DJANGO_PGPOOL_STATUS_DIR"] = str(status_dir)
+    environ.update(extra)
+    return environ
+
+
+def run_python(
+    args: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    cwd: Path = ROOT,
+    timeout: float = 120,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` to its end, its output captured; with ``check``, assert it exits 0."""
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check:
+        assert proc.returncode == 0, (
+            f"{' '.join(args)} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def start_python(
+    args: Sequence[str], env: Mapping[str, str], log: Path, *, cwd: Path = TESTPROJECT
+) -> subprocess.Popen[bytes]:
+    """Start ``python *args`` in a process group of its own, stdout and stderr to ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )

@@ -9,36 +9,14 @@ from __future__ import annotations
 import os
 import tempfile
 
-from tests.pgserver import ensure_server
+from tests.base_settings import INSTALLED_APPS, SERVER, database
 
-SERVER = ensure_server()
+__all__ = ["DATABASES", "INSTALLED_APPS", "SERVER", "database"]
 
 SECRET_KEY = "django-pgpool-tests"
 USE_TZ = True
 TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-
-INSTALLED_APPS = [
-    "django.contrib.auth",
-    "django.contrib.contenttypes",
-    "django_pgpool",
-    "tests.testapp",
-]
-
-
-def database(name: str, **options: object) -> dict[str, object]:
-    return {
-        "ENGINE": "django_pgpool",
-        "NAME": name,
-        "USER": SERVER.user,
-        "PASSWORD": SERVER.password,
-        "HOST": SERVER.host,
-        "PORT": SERVER.port,
-        "CONN_MAX_AGE": 0,
-        "OPTIONS": {"minconn": 1, "maxconn": 4, "timeout": 5, **options},
-        "TEST": {"NAME": f"test_{name}"},
-    }
-
 
 DATABASES = {
     "default": database("pgpool"),

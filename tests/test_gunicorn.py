@@ -15,8 +15,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -27,14 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 from psycopg2 import sql
 
-from tests.settings import SERVER
+from tests.helpers import (
+    admin_connection,
+    admin_execute,
+    project_env,
+    run_python,
+    scratch_database,
+    start_python,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ROOT / "testproject"
 DATABASE = f"gunicorn_e2e_{os.getpid()}"  # unique: tox envs may share a server
 WORKERS = 2
 THREADS = 4
@@ -96,37 +98,6 @@ print("SEEDED " + json.dumps({"products": demo.PRODUCTS, "stock": demo.INITIAL_S
 """
 
 
-def admin_connection(dbname: str | None = None) -> Any:
-    kwargs: dict[str, Any] = dict(SERVER.connect_kwargs())
-    if dbname is not None:
-        kwargs["dbname"] = dbname
-    conn = psycopg2.connect(**kwargs)
-    conn.autocommit = True
-    return conn
-
-
-def admin_execute(statement: sql.Composable, args: list[Any] | None = None) -> list[Any]:
-    conn = admin_connection()
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute(statement, args)
-            return cursor.fetchall() if cursor.description else []
-    finally:
-        conn.close()
-
-
-def drop_database() -> None:
-    drop = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(DATABASE))
-    conn = admin_connection()
-    try:
-        if conn.server_version >= 130000:
-            drop = sql.SQL("{} WITH (FORCE)").format(drop)
-        with conn.cursor() as cursor:
-            cursor.execute(drop)
-    finally:
-        conn.close()
-
-
 def live_backends(pids: list[int]) -> set[int]:
     rows = admin_execute(sql.SQL("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)"), [pids])
     return {row[0] for row in rows}
@@ -135,35 +106,12 @@ def live_backends(pids: list[int]) -> set[int]:
 @pytest.fixture
 def environ(tmp_path: Path) -> dict[str, str]:
     """testproject's environment: the test server, its own database, a small pool."""
-    environ = dict(os.environ)
-    environ.update(SERVER.env())
-    environ.update(
-        DJANGO_SETTINGS_MODULE="testproject.settings",  # not this process's tests.settings
-        TESTPROJECT_DATABASE=DATABASE,
-        PGPOOL_MINCONN="1",
-        PGPOOL_MAXCONN=str(MAXCONN),
-        PGPOOL_TIMEOUT="10",
-        DJANGO_PGPOOL_STATUS_DIR=str(tmp_path / "pgpool-status"),
+    return project_env(
+        DATABASE,
+        MAXCONN,
+        status_dir=tmp_path / "pgpool-status",
         GUNICORN_E2E_INFO=str(tmp_path / "master.json"),
     )
-    return environ
-
-
-def manage(args: list[str], environ: dict[str, str]) -> str:
-    proc = subprocess.run(
-        [sys.executable, "testproject/manage.py", *args],
-        cwd=ROOT,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, (
-        f"manage.py {' '.join(args)} exited {proc.returncode}\n"
-        f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    )
-    return proc.stdout
 
 
 @dataclass(frozen=True)
@@ -175,16 +123,12 @@ class Shop:
 @pytest.fixture
 def shop(environ: dict[str, str]) -> Iterator[Shop]:
     """A migrated, seeded database for testproject; dropped afterwards."""
-    drop_database()
-    admin_execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
-    try:
-        manage(["migrate", "--noinput", "-v", "0"], environ)
-        out = manage(["shell", "-c", SEED_SCRIPT], environ)
+    with scratch_database(DATABASE):
+        run_python(["testproject/manage.py", "migrate", "--noinput", "-v", "0"], environ)
+        out = run_python(["testproject/manage.py", "shell", "-c", SEED_SCRIPT], environ).stdout
         (line,) = [line for line in out.splitlines() if line.startswith("SEEDED ")]
         seeded = json.loads(line.removeprefix("SEEDED "))
         yield Shop(seeded["products"], seeded["stock"])
-    finally:
-        drop_database()
 
 
 class Gunicorn:
@@ -196,7 +140,6 @@ class Gunicorn:
         self.info_file = Path(environ["GUNICORN_E2E_INFO"])
         self.log_file = tmp_path / "gunicorn.log"
         args = [
-            sys.executable,
             "-m",
             "gunicorn",
             "--preload",
@@ -212,16 +155,7 @@ class Gunicorn:
             str(config),
             "testproject.wsgi:application",
         ]
-        with self.log_file.open("wb") as log:
-            self.proc = subprocess.Popen(
-                args,
-                cwd=PROJECT,
-                env=environ,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = start_python(args, environ, self.log_file)
 
     def log(self) -> str:
         return self.log_file.read_text(encoding="utf-8", errors="replace")

@@ -22,17 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
-from psycopg2 import sql
 
 from django_pgpool.base import HOSTNAME, TAG_PATTERN
-from tests.helpers import wait_for
-from tests.settings import SERVER
+from tests.helpers import (
+    ROOT,
+    admin_execute,
+    project_env,
+    run_python,
+    scratch_database,
+    start_python,
+    wait_for,
+)
 from tests.test_commands import STATUS_SHAPE, check_shape, host_table
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ROOT / "testproject"
 WORKERS = 2
 MAXCONN = 4
 THREADS = 8  # client threads
@@ -157,20 +160,9 @@ def send(url: str, requests: int, tmp_path: Path) -> Load:
 # -- the database, the status directory, the servers --------------------------------
 
 
-def admin(statement: sql.Composable | str, args: list[Any] | None = None, dbname: str = "") -> Any:
-    conn = psycopg2.connect(**{**SERVER.connect_kwargs(), **({"dbname": dbname} if dbname else {})})
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute(statement, args)
-            return cursor.fetchall() if cursor.description else None
-    finally:
-        conn.close()
-
-
 def tagged_sessions(database: str) -> dict[int, set[int]]:
     """Return the pools' sessions on a database (the ground truth), by worker pid."""
-    rows = admin(
+    rows = admin_execute(
         "SELECT pid, application_name FROM pg_stat_activity WHERE datname = %s", [database]
     )
     sessions: dict[int, set[int]] = {}
@@ -205,21 +197,9 @@ class Project:
     def manage(
         self, *args: str, check: bool = True, **env: str
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "testproject/manage.py", *args],
-            cwd=ROOT,
-            env={**self.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        return run_python(
+            ["testproject/manage.py", *args], {**self.environ, **env}, timeout=60, check=check
         )
-        if check:
-            assert proc.returncode == 0, (
-                f"manage.py {' '.join(args)} exited {proc.returncode}\n"
-                f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-            )
-        return proc
 
     def poolstatus(self) -> dict[str, Any]:
         document: dict[str, Any] = json.loads(self.manage("poolstatus", "--format", "json").stdout)
@@ -229,24 +209,9 @@ class Project:
 
 def make_project(name: str, tmp_path: Path) -> Iterator[Project]:
     database = f"{name}_{os.getpid()}"  # unique: tox envs may share a server
-    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
-    admin(drop)
-    admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
     status_dir = tmp_path / "status"
-    environ = {
-        **os.environ,
-        **SERVER.env(),
-        "DJANGO_SETTINGS_MODULE": "testproject.settings",  # not this process's tests.settings
-        "TESTPROJECT_DATABASE": database,
-        "PGPOOL_MINCONN": "1",
-        "PGPOOL_MAXCONN": str(MAXCONN),
-        "PGPOOL_TIMEOUT": "10",
-        "DJANGO_PGPOOL_STATUS_DIR": str(status_dir),
-    }
-    try:
-        yield Project(database, status_dir, environ)
-    finally:
-        admin(drop)
+    with scratch_database(database):
+        yield Project(database, status_dir, project_env(database, MAXCONN, status_dir))
 
 
 class Server:
@@ -258,16 +223,7 @@ class Server:
         """Start ``python -m <args>``; return once the log has ``listening`` (its group 1:
         the port) and, if given, ``ready`` once per worker."""
         self.log_file = log
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", *args],
-                cwd=PROJECT,
-                env=project.environ,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = start_python(["-m", *args], project.environ, log)
         deadline = time.monotonic() + 30
         while not (match := re.search(listening, self.log())) or (
             ready and self.log().count(ready) < WORKERS

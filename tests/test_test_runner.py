@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, run_python
 
 
 def databases(admin: Any) -> set[str]:
@@ -25,9 +22,8 @@ def test_django_test_runner_creates_uses_and_destroys_test_databases(
 ) -> None:
     assert databases(admin) == set()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
+    result = run_python(
         [
-            sys.executable,
             "-m",
             "django",
             "test",
@@ -38,10 +34,7 @@ def test_django_test_runner_creates_uses_and_destroys_test_databases(
             "-v",
             "2",
         ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+        env,
         timeout=300,
         check=False,
     )

@@ -11,107 +11,55 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
-from psycopg2 import sql
 
+from tests.helpers import ROOT, TESTPROJECT, project_env, run_python, scratch_database
 from tests.settings import SERVER
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ROOT / "testproject"
 DATABASE = f"testproject_e2e_{os.getpid()}"  # unique: tox envs may share a server
 MAXCONN = 4
 MARKER = "E2E-RESULT "
 
 
-def _admin_execute(statement: sql.Composable, drop_force: bool = False) -> None:
-    conn = psycopg2.connect(**SERVER.connect_kwargs())
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            if drop_force and conn.server_version >= 130000:
-                statement = sql.SQL("{} WITH (FORCE)").format(statement)
-            cursor.execute(statement)
-    finally:
-        conn.close()
-
-
-def _drop_database() -> None:
-    drop = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(DATABASE))
-    _admin_execute(drop, drop_force=True)
-
-
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
-    _drop_database()
-    _admin_execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
-    yield DATABASE
-    _drop_database()
+    with scratch_database(DATABASE):
+        yield DATABASE
 
 
 @pytest.fixture(scope="module")
 def env(database: str) -> dict[str, str]:
     """The environment of testproject's processes: the test server, our database, a small pool."""
-    environ = dict(os.environ)
-    environ.update(SERVER.env())
-    environ.update(
-        DJANGO_SETTINGS_MODULE="testproject.settings",  # not this process's tests.settings
-        TESTPROJECT_DATABASE=database,
-        PGPOOL_MINCONN="1",
-        PGPOOL_MAXCONN=str(MAXCONN),
-        PGPOOL_TIMEOUT="10",
-    )
-    return environ
-
-
-def run(
-    args: list[str], env: dict[str, str], cwd: Path = ROOT, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if check:
-        assert proc.returncode == 0, (
-            f"{' '.join(args)} exited {proc.returncode}\n"
-            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-        )
-    return proc
+    return project_env(database, MAXCONN)
 
 
 @pytest.fixture(scope="module")
 def migrated(env: dict[str, str]) -> dict[str, str]:
-    run(["testproject/manage.py", "migrate", "--noinput", "-v", "0"], env)
+    run_python(["testproject/manage.py", "migrate", "--noinput", "-v", "0"], env)
     return env
 
 
 @pytest.mark.parametrize(
     ("cwd", "manage"),
-    [(ROOT, "testproject/manage.py"), (PROJECT, "manage.py")],
+    [(ROOT, "testproject/manage.py"), (TESTPROJECT, "manage.py")],
     ids=["from-repo-root", "from-testproject"],
 )
 def test_check(env: dict[str, str], cwd: Path, manage: str) -> None:
-    proc = run([manage, "check"], env, cwd=cwd)
+    proc = run_python([manage, "check"], env, cwd=cwd)
     assert "System check identified no issues" in proc.stdout
 
 
 def test_migrations_are_committed(env: dict[str, str]) -> None:
-    proc = run(["testproject/manage.py", "makemigrations", "--check", "--dry-run"], env)
+    proc = run_python(["testproject/manage.py", "makemigrations", "--check", "--dry-run"], env)
     assert "No changes detected" in proc.stdout
 
 
 def test_migrate(migrated: dict[str, str]) -> None:
-    proc = run(["testproject/manage.py", "showmigrations", "shop", "admin"], migrated)
+    proc = run_python(["testproject/manage.py", "showmigrations", "shop", "admin"], migrated)
     assert "[X] 0001_initial" in proc.stdout
     assert "[ ]" not in proc.stdout
 
@@ -157,7 +105,7 @@ def _script_result(proc: subprocess.CompletedProcess[str]) -> Any:
 
 
 def test_views(migrated: dict[str, str]) -> None:
-    proc = run(["testproject/manage.py", "shell", "-c", VIEWS_SCRIPT], migrated)
+    proc = run_python(["testproject/manage.py", "shell", "-c", VIEWS_SCRIPT], migrated)
     r = _script_result(proc)
 
     assert r["get"]["status"] == 200
@@ -199,7 +147,7 @@ def test_demo_burst(env: dict[str, str], tmp_path: Path) -> None:
         "DEMO_CLIENTS": "16",
         "DEMO_SUMMARY": str(summary_file),
     }
-    proc = run(["testproject/demo.py"], demo_env)
+    proc = run_python(["testproject/demo.py"], demo_env)
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
 
     assert summary["requests"] == 300
@@ -229,7 +177,7 @@ def test_demo_burst(env: dict[str, str], tmp_path: Path) -> None:
 
 def test_poolstatus_command(migrated: dict[str, str]) -> None:
     """INSTALLED_APPS has django_pgpool: its commands run (in a process whose pools are empty)."""
-    proc = run(["testproject/manage.py", "poolstatus"], migrated, check=False)
+    proc = run_python(["testproject/manage.py", "poolstatus"], migrated, check=False)
     if "Unknown command" in proc.stderr:
         pytest.skip("manage.py poolstatus is not written yet")
     assert proc.returncode == 0, proc.stderr

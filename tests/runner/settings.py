@@ -6,32 +6,17 @@ instead of the test databases would fail the run.
 
 from __future__ import annotations
 
-from tests.pgserver import ensure_server
-
-SERVER = ensure_server()
+from tests.base_settings import INSTALLED_APPS  # noqa: F401 (a setting here too: the same apps)
+from tests.base_settings import database as suite_database
 
 SECRET_KEY = "django-pgpool-runner"
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-INSTALLED_APPS = [
-    "django.contrib.auth",
-    "django.contrib.contenttypes",
-    "django_pgpool",
-    "tests.testapp",
-]
 
 
 def database(name: str, **test: object) -> dict[str, object]:
-    return {
-        "ENGINE": "django_pgpool",
-        "NAME": name,
-        "USER": SERVER.user,
-        "PASSWORD": SERVER.password,
-        "HOST": SERVER.host,
-        "PORT": SERVER.port,
-        "OPTIONS": {"minconn": 1, "maxconn": 4},
-        "TEST": test,
-    }
+    """The suite's settings for ``name`` on the test server, with these OPTIONS and TEST."""
+    return {**suite_database(name), "OPTIONS": {"minconn": 1, "maxconn": 4}, "TEST": test}
 
 
 DATABASES = {
