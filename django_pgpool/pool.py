@@ -414,9 +414,13 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             waiter = _Waiter()
             self._waiters.append(waiter)
             self._stats[REQUESTS_QUEUED] += 1
-            if any(_orphaned(c) for c in self._used.values()):
-                # A thread died holding a connection: maintenance frees its
-                # slot, which goes to the longest waiter (maybe this one).
+            # A thread died holding a connection: maintenance frees its slot,
+            # which goes to the longest waiter (maybe this one). Looked for by
+            # the first in line only: the scan calls is_alive() on every
+            # borrower under the lock (4.5 µs for 16), and at 32 threads on 16
+            # connections every borrow queues; a longer queue is being served,
+            # and the maintenance round finds orphans within INTERVAL anyway.
+            if len(self._waiters) == 1 and any(_orphaned(c) for c in self._used.values()):
                 maintenance.wake()
 
         if not waiter.wait(self.timeout - (time.monotonic() - started)):
