@@ -145,6 +145,8 @@ def test_waiting_caller_gets_a_connection_returned_within_the_timeout(
     thread.join()
     assert got == [pid]
     assert pool.get_stats()["requests_queued"] == 1
+    # Counted once, by the thread that handed the connection over.
+    assert sum(pool.activity()["wait_buckets"]) == 1
 
 
 def test_exhausted_pool_waits_then_raises_pool_timeout(make_pool: MakePool) -> None:
@@ -162,6 +164,8 @@ def test_exhausted_pool_waits_then_raises_pool_timeout(make_pool: MakePool) -> N
     assert "OPTIONS['maxconn']" in message
     stats = pool.get_stats()
     assert (stats["requests_timeouts"], stats["requests_errors"]) == (1, 1)
+    assert stats["requests_wait_ms"] >= 290
+    assert sum(pool.activity()["wait_buckets"]) == 1
     pool.putconn(held)
 
 
@@ -303,6 +307,7 @@ def test_closeall_wakes_waiters_with_pool_closed(make_pool: MakePool) -> None:
     pool.closeall()
     thread.join(2)
     assert len(errors) == 1
+    assert sum(pool.activity()["wait_buckets"]) == 1
     pool.putconn(held)
 
 
