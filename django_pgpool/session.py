@@ -212,8 +212,14 @@ class Baseline:
 
 
 def _reported_values(conn: PooledConnection, names: tuple[str, ...]) -> tuple[str | None, ...]:
-    # map() over the bound method: no Python frame per name (this runs at every return).
-    return tuple(map(conn.info.parameter_status, names))
+    # Runs at every return. Not tuple(map(...)), as fast, but a tuple built
+    # from an iterator of unknown length is resized, and that left the garbage
+    # collector's allocation count one higher per call (measured: +1.00, this
+    # form +0.01). At one per request it triggered collections, full ones
+    # included (30-50 ms with Django loaded, every thread stalled), that a
+    # process on persistent connections doesn't run.
+    status = conn.info.parameter_status
+    return tuple([status(name) for name in names])
 
 
 def _session_flags_changed(conn: PooledConnection, base: Baseline) -> bool:

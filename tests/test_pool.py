@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -147,6 +148,25 @@ def test_waiting_caller_gets_a_connection_returned_within_the_timeout(
     assert pool.get_stats()["requests_queued"] == 1
     # Counted once, by the thread that handed the connection over.
     assert sum(pool.activity()["wait_buckets"]) == 1
+
+
+def test_borrow_and_return_leave_no_work_for_the_garbage_collector(make_pool: MakePool) -> None:
+    # The collector runs when allocations outnumber deallocations; a full
+    # collection takes tens of ms with Django loaded and stalls every thread.
+    # A borrow + return (with its reset) must not feed it at every request.
+    pool = make_pool(0, 1)
+    for _ in range(100):
+        pool.putconn(pool.getconn())
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for _ in range(1000):
+            pool.putconn(pool.getconn())
+        grown = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert grown < 100
 
 
 def test_exhausted_pool_waits_then_raises_pool_timeout(make_pool: MakePool) -> None:
