@@ -11,7 +11,7 @@ threads running, that wait averaged 160-260 µs on the benchmark machine, and
 at eight threads the borrow's poll alone cost 20 µs of CPU per request in
 thread switches. A zero-timeout poll() never blocks, so there is nothing to
 gain from releasing the GIL around it. ctypes' PyDLL calls a C function with
-the GIL held: the same poll(2), about 1.5 µs, and no thread switch.
+the GIL held: the same poll(2), about 0.6 µs, and no thread switch.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def _load_poll() -> Callable[..., int] | None:
         poll = ctypes.PyDLL(None).poll  # the process's own symbols: libc is among them
     except (OSError, AttributeError):
         return None
-    poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
+    # No argtypes: the caller passes ready-made values of the exact C types
+    # (struct pollfd *, nfds_t, int), which ctypes then needn't convert at
+    # each call (0.6 µs a call instead of 0.9 µs).
     poll.restype = ctypes.c_int
     return poll
 
@@ -51,6 +53,8 @@ def input_probe(fd: int) -> Callable[[], bool]:
         return lambda: bool(poller.poll(0))
     poll = _poll
     pointer = ctypes.pointer(_PollFd(fd, _EVENTS, 0))
+    # nfds_t is an unsigned long in glibc and musl.
+    nfds, no_wait = ctypes.c_ulong(1), ctypes.c_int(0)
     # > 0: readable, error or hang-up. -1 (EINTR, ENOMEM) says nothing: the
     # next query finds out, as it would without this check.
-    return lambda: poll(pointer, 1, 0) > 0
+    return lambda: poll(pointer, nfds, no_wait) > 0
