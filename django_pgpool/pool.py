@@ -512,10 +512,18 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 return CONNECTIONS_LOST
             if now - conn.returned_at <= self.check_after:
                 return None
-            with self._deadline(conn, deadline - now), conn.cursor() as cur:
-                cur.execute("SELECT 1")
-                if not conn.autocommit:
-                    conn.rollback()
+            # One round trip: outside autocommit psycopg2 would send BEGIN
+            # first and the check would need a ROLLBACK after (three in all).
+            # Switching autocommit on and back sends nothing while idle.
+            in_transactions = not conn.autocommit
+            if in_transactions:
+                conn.autocommit = True
+            try:
+                with self._deadline(conn, deadline - now), conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+            finally:
+                if in_transactions and not conn.closed:
+                    conn.autocommit = False
         except (psycopg2.Error, OSError):
             return CONNECTIONS_LOST
         return None

@@ -241,6 +241,20 @@ def test_a_clean_connection_costs_no_extra_round_trip(make_pool: MakePool, proxy
     assert pool.get_stats().get("returns_reset", 0) == 0
 
 
+def test_a_health_check_costs_one_round_trip(make_pool: MakePool, proxy: TcpProxy) -> None:
+    # psycopg2's default is not autocommit: the check must not add BEGIN/ROLLBACK.
+    pool = proxied_pool(make_pool, proxy, check_after=0)
+    pool.putconn(pool.getconn())  # warm up: open the connection
+    with proxy.counting() as sent:
+        conn = pool.getconn()
+    assert sent == ["SELECT 1"]
+    assert conn.autocommit is False
+    with conn.cursor() as cur:  # and its transactions work as before
+        cur.execute("SELECT 1")
+    assert conn.info.transaction_status == ext.TRANSACTION_STATUS_INTRANS
+    pool.putconn(conn)
+
+
 def test_a_dirty_connection_costs_one_discard_all(make_pool: MakePool, proxy: TcpProxy) -> None:
     pool = proxied_pool(make_pool, proxy)
     borrow_and_query(pool)
