@@ -123,11 +123,38 @@ def summarize(results: dict[str, Any]) -> Summary:
                 row.connections_per_request = round_trips[key]["connections_per_request"]
                 row.statements = round_trips[key]["statements_per_request"]
     http = _rows(results["http"], None)
-    pool_micro = {r["strategy"]: r for r in results["pool_micro"] if "failed" not in r}
-    django_micro = {r["strategy"]: r for r in results["django_micro"] if "failed" not in r}
+    pool_micro = _micro_over_rounds(results["pool_micro"])
+    django_micro = _micro_over_rounds(results["django_micro"])
     summary = Summary(meta, order, inprocess, http, pool_micro, django_micro, [])
     summary.verdicts = _verdicts(summary, round_trips)
     return summary
+
+
+def _micro_over_rounds(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One microbenchmark result per strategy: each figure's median over the rounds.
+
+    A run measures every strategy once per round; a round's figure is the
+    median of its batches (see worker.per_operation).
+    """
+    by_strategy: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        if "failed" not in run:
+            by_strategy.setdefault(run["strategy"], []).append(run)
+    merged: dict[str, dict[str, Any]] = {}
+    for key, rounds in by_strategy.items():
+        result = dict(rounds[-1])
+        for name, value in rounds[-1].items():
+            if isinstance(value, dict) and "median_us" in value and len(rounds) > 1:
+                figures = [r[name] for r in rounds]
+                result[name] = {
+                    "median_us": _median([f["median_us"] for f in figures]),
+                    "min_us": min(f["min_us"] for f in figures),
+                    "max_us": max(f["max_us"] for f in figures),
+                    "batches": sum(f["batches"] for f in figures),
+                    "rounds": len(figures),
+                }
+        merged[key] = result
+    return merged
 
 
 def _verdicts(summary: Summary, round_trips: dict[str, Any]) -> list[Verdict]:
@@ -623,9 +650,11 @@ def markdown(summary: Summary) -> str:
         "- **Microbenchmarks**: each pool library alone (`getconn()` + `putconn()` with no "
         "query), a new connection (`connect()` + `close()`), and at Django level "
         "`connection.ensure_connection(); connection.close()` and an empty request cycle. "
-        "Every call is timed on its own (the clock's ~0.1 µs included) and the figure is the "
-        "median over batches of each batch's median call, so that a call the scheduler "
-        "interrupts is an outlier rather than a share of every batch's mean.",
+        "Every call is timed on its own (the clock's ~0.1 µs included), so that a call the "
+        "scheduler interrupts is an outlier rather than a share of a batch's mean; each "
+        f"round measures {plan['micro_batches']} batches of every strategy, and the figure is "
+        "the median over the rounds of each round's median batch (each batch's figure: its "
+        "median call).",
         "- **Round trips per request**: each strategy once more (T=8) through "
         "`tests/tcpproxy.TcpProxy`, which counts the client's query messages (`Q`, and "
         "extended-protocol `Sync`); for PgBouncer the proxy sits between Django and "

@@ -63,6 +63,7 @@ class Plan:
     http_clients: int
     http_warmup: float
     http_seconds: float
+    #: Microbenchmark batches per strategy and round.
     micro_batches: int
     round_trip_threads: int
     round_trip_requests: int
@@ -78,7 +79,7 @@ FULL = Plan(
     http_clients=32,
     http_warmup=2.0,
     http_seconds=8.0,
-    micro_batches=15,
+    micro_batches=5,
     round_trip_threads=8,
     round_trip_requests=50,
     maxconn=strategies.DEFAULT_MAXCONN,
@@ -91,7 +92,6 @@ QUICK = replace(
     http_rounds=1,
     http_warmup=1.0,
     http_seconds=3.0,
-    micro_batches=5,
     round_trip_requests=20,
 )
 
@@ -185,15 +185,18 @@ class Bench:
 
     # -- the measurements ----------------------------------------------------
 
-    def micro(self) -> None:
-        for key in ("pgpool", "djangopool", "dbcp"):
-            if key in self.chosen:
-                log(f"microbenchmark: {key} pool library alone")
-                args = ["pool-micro", "--batches", str(self.plan.micro_batches)]
+    def micro_round(self, round_index: int) -> None:
+        # In every round, like the other workloads: one measurement at one
+        # moment would take whatever the machine's other tenants did then.
+        batches = str(self.plan.micro_batches)
+        for key in self._order(round_index):
+            if key in ("pgpool", "djangopool", "dbcp"):
+                log(f"round {round_index + 1} microbenchmark: {key} pool library alone")
+                args = ["pool-micro", "--batches", batches]
                 self.results["pool_micro"].append(self._worker(key, args))
-        for key in self.chosen:
-            log(f"microbenchmark: {key} Django-level borrow + return")
-            args = ["django-micro", "--batches", str(self.plan.micro_batches)]
+        for key in self._order(round_index):
+            log(f"round {round_index + 1} microbenchmark: {key} Django-level borrow + return")
+            args = ["django-micro", "--batches", batches]
             self.results["django_micro"].append(self._worker(key, args))
 
     def round_trips(self) -> None:
@@ -423,11 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         environments.prepare_database(server, strategies.DATABASE)
         bench = Bench(plan, server, chosen, pythons, pgbouncer)
         try:
-            if "micro" not in skip:
-                bench.micro()
             if "roundtrips" not in skip:
                 bench.round_trips()
             for round_index in range(max(plan.rounds, plan.http_rounds)):
+                if "micro" not in skip and round_index < plan.rounds:
+                    bench.micro_round(round_index)
                 if "inprocess" not in skip and round_index < plan.rounds:
                     bench.inprocess_round(round_index)
                 if "http" not in skip and round_index < plan.http_rounds:
