@@ -216,7 +216,7 @@ def _reported_values(conn: PooledConnection, names: tuple[str, ...]) -> tuple[st
     # from an iterator of unknown length is resized, and that left the garbage
     # collector's allocation count one higher per call (measured: +1.00, this
     # form +0.01). At one per request it triggered collections, full ones
-    # included (30-50 ms with Django loaded, every thread stalled), that a
+    # included (about 25 ms with Django loaded, every thread stalled), that a
     # process on persistent connections doesn't run.
     status = conn.info.parameter_status
     return tuple([status(name) for name in names])
