@@ -142,9 +142,11 @@ def _micro_over_rounds(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             by_strategy.setdefault(run["strategy"], []).append(run)
     merged: dict[str, dict[str, Any]] = {}
     for key, rounds in by_strategy.items():
-        result = dict(rounds[-1])
+        result = merged[key] = dict(rounds[-1])
+        if len(rounds) == 1:
+            continue  # a run from before the microbenchmarks ran in every round
         for name, value in rounds[-1].items():
-            if isinstance(value, dict) and "median_us" in value and len(rounds) > 1:
+            if isinstance(value, dict) and "median_us" in value:
                 figures = [r[name] for r in rounds]
                 result[name] = {
                     "median_us": _median([f["median_us"] for f in figures]),
@@ -153,7 +155,6 @@ def _micro_over_rounds(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                     "batches": sum(f["batches"] for f in figures),
                     "rounds": len(figures),
                 }
-        merged[key] = result
     return merged
 
 
@@ -438,6 +439,24 @@ def _grouped_bars(ax: Any, series: list[tuple[str, list[float], str]], width: fl
         ax.bar(xs, values, width, label=label, color=colour)
 
 
+def _micro_bars(
+    ax: Any,
+    figures: dict[str, dict[str, Any]],
+    present: list[str],
+    series: list[tuple[str, str, str]],
+    width: float,
+) -> None:
+    """Bars of microbenchmark medians: a group per strategy, a bar per (label, field, colour)."""
+    _grouped_bars(
+        ax,
+        [
+            (label, [figures[k][field]["median_us"] for k in present], colour)
+            for label, field, colour in series
+        ],
+        width,
+    )
+
+
 def _strategy_ticks(ax: Any, keys: list[str], **style: Any) -> None:
     ax.set_xticks(range(len(keys)), [BY_KEY[k].label for k in keys], fontsize=8, **style)
 
@@ -537,15 +556,14 @@ def plot(summary: Summary, directory: Path) -> list[Path]:
     if summary.django_micro or summary.pool_micro:
         fig, (ax_pool, ax_django) = plt.subplots(1, 2, figsize=(12, 4.2))
         present = [k for k in keys if k in summary.pool_micro]
-        _grouped_bars(
+        _micro_bars(
             ax_pool,
+            summary.pool_micro,
+            present,
             [
-                (name, [summary.pool_micro[k][field_name]["median_us"] for k in present], colour)
-                for name, field_name, colour in (
-                    ("borrow + return", "borrow_return", "#2ca02c"),
-                    ("with health check", "borrow_return_checked", "#ff7f0e"),
-                    ("new connection", "new_connection", "#d62728"),
-                )
+                ("borrow + return", "borrow_return", "#2ca02c"),
+                ("with health check", "borrow_return_checked", "#ff7f0e"),
+                ("new connection", "new_connection", "#d62728"),
             ],
             0.27,
         )
@@ -554,14 +572,13 @@ def plot(summary: Summary, directory: Path) -> list[Path]:
         ax_pool.set_title("Pool library alone (µs, log; dashed: 10 µs)")
         ax_pool.legend(fontsize=8)
         present = [k for k in keys if k in summary.django_micro]
-        _grouped_bars(
+        _micro_bars(
             ax_django,
+            summary.django_micro,
+            present,
             [
-                (name, [summary.django_micro[k][field_name]["median_us"] for k in present], colour)
-                for name, field_name, colour in (
-                    ("ensure_connection + close", "ensure_connection_close", "#1f78b4"),
-                    ("empty request cycle", "request_cycle", "#a6cee3"),
-                )
+                ("ensure_connection + close", "ensure_connection_close", "#1f78b4"),
+                ("empty request cycle", "request_cycle", "#a6cee3"),
             ],
             0.4,
         )
