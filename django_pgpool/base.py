@@ -10,8 +10,6 @@ import copy
 import logging
 import math
 import os
-import re
-import socket
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +24,8 @@ from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg
 from django.db.utils import DEFAULT_DB_ALIAS
 from django.utils.asyncio import async_unsafe
 
-from . import registry
+from . import registry, status
+from .identity import application_name
 from .options import POOL_KEYS, PoolOptions, parse_options
 from .pool import INHERITED_BUSY, ConnectionPool, detach_inherited
 from .session import PooledConnection
@@ -34,7 +33,10 @@ from .session import PooledConnection
 __all__ = ["DatabaseWrapper"]
 
 logger = logging.getLogger("django_pgpool")
-HOSTNAME = socket.gethostname()
+
+# Every pool the ENGINE creates publishes its status from then on (the pool
+# core and the registry know nothing of Django's settings or of status files).
+registry.on_pool_created(status.start_publishing)
 
 # django.db.backends.base.base.NO_DB_ALIAS: the alias of the short-lived
 # connection Django opens for CREATE/DROP DATABASE. Never pooled: it must
@@ -67,26 +69,12 @@ def _warn_if_app_not_installed() -> None:
     logger.warning(NOT_INSTALLED_MESSAGE)
 
 
-# The tag every pooled session carries in application_name, so that the
-# server's view (pg_stat_activity) tells whose connection it is, across hosts.
-TAG_PATTERN = re.compile(r"\[pgpool (?P<alias>[^@\]]+)@(?P<host>[^:\]]*):(?P<pid>\d+)\]$")
 TCP_KEEPALIVE_DEFAULTS = {
     "keepalives": 1,
     "keepalives_idle": 30,
     "keepalives_interval": 10,
     "keepalives_count": 3,
 }
-_APPLICATION_NAME_MAX = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
-
-
-def application_name(alias: str, own: str | None) -> str:
-    """Return ``"<own name> [pgpool <alias>@<host>:<pid>]"``, shortened to fit 63 bytes."""
-    tag = f"[pgpool {alias[:20]}@{HOSTNAME[:24]}:{os.getpid()}]"
-    if not own:
-        return tag
-    room = _APPLICATION_NAME_MAX - len(tag.encode()) - 1
-    shortened = own.encode()[:room].decode(errors="ignore")
-    return f"{shortened} {tag}" if shortened else tag
 
 
 def _json_passthrough(value: Any) -> Any:

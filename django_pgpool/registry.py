@@ -29,7 +29,7 @@ from .options import PoolOptions
 from .pool import ConnectionPool
 from .session import PooledConnection
 
-__all__ = ["PoolEntry", "close_pools", "entries", "get_pool"]
+__all__ = ["PoolEntry", "close_pools", "entries", "get_pool", "on_pool_created"]
 
 _SECRET = secrets.token_bytes(16)
 
@@ -48,6 +48,16 @@ class PoolEntry:
 
 _lock = threading.Lock()
 _pools: dict[tuple[int, str], PoolEntry] = {}
+# Told of every new pool, outside the lock (e.g. to start publishing status):
+# the registry announces, so that it imports none of its listeners.
+_listeners: list[Callable[[], None]] = []
+
+
+def on_pool_created(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` after each pool this process creates (once per listener)."""
+    with _lock:
+        if listener not in _listeners:
+            _listeners.append(listener)
 
 
 def _digest(params: dict[str, Any], extra: tuple[Any, ...]) -> str:
@@ -91,9 +101,8 @@ def get_pool(
                 created = True
             entry.aliases = entry.aliases | {alias}
         if created:
-            from . import status  # Django-aware; imported here to avoid a cycle
-
-            status.start_publishing()  # reads a file: not under the lock
+            for listener in list(_listeners):
+                listener()  # may read a file: not under the lock
     return entry.pool
 
 

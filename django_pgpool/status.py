@@ -41,7 +41,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from . import maintenance, registry
-from .base import HOSTNAME
+from .identity import HOSTNAME
 
 __all__ = [
     "HOSTNAME",

@@ -27,7 +27,8 @@ from django.core.management import CommandError, call_command
 from django.db import connection, connections
 
 from django_pgpool import close_pools, registry, status
-from django_pgpool.base import HOSTNAME, DatabaseWrapper
+from django_pgpool.base import DatabaseWrapper
+from django_pgpool.identity import HOSTNAME
 from django_pgpool.pool import STATS_KEYS
 from tests.conftest import backend_pid
 from tests.helpers import wait_for

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from django_pgpool.base import HOSTNAME, TAG_PATTERN
+from django_pgpool.identity import HOSTNAME, TAG_PATTERN
 from tests.helpers import (
     ROOT,
     admin_execute,

@@ -10,7 +10,7 @@ import sys
 import pytest
 from django.db import connection
 
-from django_pgpool import base, status
+from django_pgpool import identity, status
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -73,11 +73,11 @@ def test_pooled_sessions_carry_the_tag_and_keep_the_users_name() -> None:
     with connection.cursor() as cur:
         cur.execute("SHOW application_name")
         name = cur.fetchone()[0]
-    match = base.TAG_PATTERN.search(name)
+    match = identity.TAG_PATTERN.search(name)
     assert match is not None
     assert (match["alias"], match["pid"]) == ("default", str(os.getpid()))
-    tagged = base.application_name("default", "my-app")
+    tagged = identity.application_name("default", "my-app")
     assert tagged.startswith("my-app [pgpool default@")
-    long = base.application_name("default", "é" * 80)
+    long = identity.application_name("default", "é" * 80)
     assert len(long.encode()) <= 63
-    assert base.TAG_PATTERN.search(long)
+    assert identity.TAG_PATTERN.search(long)

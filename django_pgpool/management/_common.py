@@ -6,7 +6,7 @@ of one, and the two ways of seeing (and steering) the pools of other processes.
   ``status.request_reconnect()`` asks those processes to reconnect.
 * The server, across hosts: every pooled session carries the tag
   ``[pgpool <alias>@<host>:<pid>]`` at the end of its application_name
-  (``base.application_name()``); ``server_view()`` reads pg_stat_activity
+  (``identity.application_name()``); ``server_view()`` reads pg_stat_activity
   through the alias's own connection and ``terminate()`` ends sessions.
 
 Nothing here ever returns a password: the PASSWORD setting is never read, and
@@ -31,8 +31,9 @@ from django.db import connections
 from django.db.backends.utils import CursorWrapper
 
 from .. import registry, status
-from ..base import HOSTNAME, NO_DB_ALIAS, TAG_PATTERN, DatabaseWrapper
+from ..base import NO_DB_ALIAS, DatabaseWrapper
 from ..checks import ENGINES
+from ..identity import HOSTNAME, TAG_PATTERN
 from ..options import POOL_KEYS
 from ..pool import STATS_KEYS
 

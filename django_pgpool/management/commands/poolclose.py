@@ -20,7 +20,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import BaseCommand, CommandError
 
 from ... import maintenance, registry, status
-from ...base import HOSTNAME
+from ...identity import HOSTNAME
 from .._common import (
     add_database_argument,
     host_processes,

@@ -13,7 +13,7 @@ from typing import Any
 from django.core.management import BaseCommand, CommandError
 
 from ... import status
-from ...base import HOSTNAME
+from ...identity import HOSTNAME
 from .._common import (
     add_database_argument,
     database_identity,
