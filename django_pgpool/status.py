@@ -18,22 +18,38 @@ per-host status directory (the prometheus_client multiprocess pattern):
 The directory holds no secret (no password, no connect string) and is
 created owner-only (0700). It is ``settings.PGPOOL_STATUS_DIR``, else the
 ``DJANGO_PGPOOL_STATUS_DIR`` environment variable, else
-``<tmp>/django_pgpool-<uid>/<settings module>``.
+``<tmp>/django_pgpool-<uid>/<settings module>``. The default sits in the
+shared temporary directory, at a name anyone can predict: another user may
+have put a file, a symbolic link or a directory of theirs there first. So
+each directory we create or rely on (``django_pgpool-<uid>`` and the one
+below it, or the configured directory) must be a real directory (not a
+link: opened with O_NOFOLLOW), owned by this user, with no group or other
+permission; anything else is refused with an ImproperlyConfigured naming the
+path and the fix.
 
-Lock discipline: ``_lock`` guards ``_published`` and ``_seen_generations``;
-only the maintenance thread writes snapshots, commands only read them.
+A status directory that fails (refused as above, read-only, full...) never
+stops the pools: the maintenance thread says so once (WARNING), tries again
+with a doubling delay up to a minute, and says once when it works again
+(INFO).
+
+Lock discipline: ``_lock`` guards ``_published``, ``_seen_generations`` and
+``_health``; only the maintenance thread writes snapshots, commands only read
+them.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +61,7 @@ from .identity import HOSTNAME
 
 __all__ = [
     "HOSTNAME",
+    "describe_failure",
     "publish",
     "read_reconnect_generations",
     "read_snapshots",
@@ -62,26 +79,88 @@ _seen_generations: dict[str, int] | None = None
 _seen_mtime: float | None = None
 
 
+#: The fix every status-directory message ends with.
+FIX = (
+    "set settings.PGPOOL_STATUS_DIR (or the DJANGO_PGPOOL_STATUS_DIR environment variable) "
+    "to a directory of this user's"
+)
+
+#: Seconds between two attempts at a failing status directory: the first
+#: delay, doubled after each failure up to the last.
+RETRY_FIRST = 2.0
+RETRY_MAX = 60.0
+
+
 def status_dir(create: bool = True) -> Path:
-    """Return this project's status directory on this host, created owner-only."""
+    """Return this project's status directory on this host, created owner-only.
+
+    With ``create``, raise ImproperlyConfigured if it, or the per-user
+    directory above the default one, is not a real directory of this user's,
+    accessible to it only; OSError if it can't be created.
+    """
     configured = getattr(settings, "PGPOOL_STATUS_DIR", None) or os.environ.get(
         "DJANGO_PGPOOL_STATUS_DIR"
     )
     if configured:
         path = Path(configured)
+        private = [path]  # its parents are the user's choice, maybe shared on purpose
     else:
         project = re.sub(r"[^A-Za-z0-9_.-]", "_", os.environ.get("DJANGO_SETTINGS_MODULE", ""))
-        path = Path(tempfile.gettempdir()) / f"django_pgpool-{os.getuid()}" / (project or "default")
+        top = Path(tempfile.gettempdir()) / f"django_pgpool-{os.getuid()}"
+        path = top / (project or "default")
+        private = [top, path]
     if create:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.stat()
-        if info.st_uid != os.getuid() or info.st_mode & 0o077:
-            raise ImproperlyConfigured(
-                f"The django_pgpool status directory {str(path)!r} must belong to this user "
-                "and be accessible to it only (chmod 700); fix it or set "
-                "settings.PGPOOL_STATUS_DIR to another directory."
-            )
+        private[0].parent.mkdir(parents=True, exist_ok=True)
+        parent = os.open(private[0].parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for directory in private:
+                child = _open_private_dir(parent, directory)
+                os.close(parent)
+                parent = child
+        finally:
+            os.close(parent)
     return path
+
+
+def _open_private_dir(parent: int, path: Path) -> int:
+    """Create ``path`` (0700) in the directory open as ``parent`` unless it exists; open it.
+
+    Relative to ``parent`` and with O_NOFOLLOW, so that what is checked is
+    what is opened: a link planted there, even one swapped in after a
+    check, is never followed.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(path.name, flags, dir_fd=parent)
+        except FileNotFoundError:
+            # Created only when missing: mkdir() on a read-only file system
+            # fails even for a directory that is there.
+            with contextlib.suppress(FileExistsError):  # another process, just now
+                os.mkdir(path.name, 0o700, dir_fd=parent)
+            fd = os.open(path.name, flags, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        kind = "a symbolic link" if os.path.islink(path) else "not a directory"
+        raise _unsafe(path, f"is {kind}") from exc
+    info = os.fstat(fd)
+    problem = None
+    if info.st_uid != os.getuid():
+        problem = f"belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
+    elif stat.S_IMODE(info.st_mode) & 0o077:
+        problem = f"is accessible to other users (mode {stat.S_IMODE(info.st_mode):o})"
+    if problem is not None:
+        os.close(fd)
+        raise _unsafe(path, problem)
+    return fd
+
+
+def _unsafe(path: Path, problem: str) -> ImproperlyConfigured:
+    return ImproperlyConfigured(
+        f"the django_pgpool status directory {str(path)!r} {problem}: it must be a directory "
+        f"of this user's, accessible to it only (chmod 700). Remove or fix it, or {FIX}."
+    )
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -146,13 +225,69 @@ def start_publishing() -> None:
     maintenance.add_hook(_publish_quietly)
 
 
+@dataclass
+class _Health:
+    """How publishing went lately: failing since when, and when to try again."""
+
+    failing_since: float | None = None  # time.monotonic() of the first failure
+    retry_at: float = 0.0
+    delay: float = 0.0
+
+
+_health = _Health()
+
+
 def _publish_quietly() -> None:
+    # The maintenance thread's hook: a status directory that fails must not
+    # stop the pool, nor fill the log with a traceback a second.
+    now = time.monotonic()
+    with _lock:
+        if now < _health.retry_at:
+            return
     try:
         publish()
-    except ImproperlyConfigured as exc:
-        # Said once: a misconfigured status directory must not stop the pool.
-        maintenance.logger.warning("django_pgpool: status not published: %s", exc)
-        maintenance.remove_hook(_publish_quietly)
+    except (ImproperlyConfigured, OSError) as exc:
+        with _lock:
+            first = _health.failing_since is None
+            if first:
+                _health.failing_since = now
+            _health.delay = min(RETRY_MAX, 2 * _health.delay or RETRY_FIRST)
+            _health.retry_at = now + _health.delay
+            # What was published may be gone with the directory: write it
+            # again once the directory works.
+            _published["body"] = None
+        if first:
+            maintenance.logger.warning(
+                "django_pgpool: status not published, so poolstatus and poolclose can't see "
+                "or reach this process (pid %d): %s; retrying with a doubling delay, up to %g s",
+                os.getpid(),
+                describe_failure(exc),
+                RETRY_MAX,
+            )
+        return
+    with _lock:
+        since = _health.failing_since
+        _health.failing_since, _health.retry_at, _health.delay = None, 0.0, 0.0
+    if since is not None:
+        maintenance.logger.info(
+            "django_pgpool: status published again in %s (pid %d), after %.0f s",
+            status_dir(create=False),
+            os.getpid(),
+            time.monotonic() - since,
+        )
+
+
+def describe_failure(exc: ImproperlyConfigured | OSError) -> str:
+    """Return what is wrong with the status directory, and the fix, in one line."""
+    if isinstance(exc, ImproperlyConfigured):
+        return str(exc)  # says the fix already
+    reason = str(exc)
+    if exc.strerror:
+        reason = exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    return (
+        f"the django_pgpool status directory {str(status_dir(create=False))!r} failed: "
+        f"{reason}. Make room or make it writable, or {FIX}"
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -238,9 +373,11 @@ def _act_on_reconnect_requests() -> None:
 def _after_fork_in_child() -> None:
     # The child publishes its own snapshot and keeps the reconnect
     # generations it inherited (requests older than it were for its parent).
-    global _lock
+    # It says for itself whether its status directory works.
+    global _lock, _health
     _lock = threading.Lock()
     _published.update(pid=0, body=None, path=None)
+    _health = _Health()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

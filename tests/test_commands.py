@@ -25,6 +25,7 @@ import psycopg2
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection, connections
+from pytest_django.fixtures import Settings
 
 from django_pgpool import close_pools, registry, status
 from django_pgpool.base import DatabaseWrapper
@@ -770,6 +771,21 @@ def test_poolclose_of_an_unknown_database_raises_command_error() -> None:
 def test_poolclose_refuses_options_that_do_not_go_together(args: list[str], message: str) -> None:
     with pytest.raises(CommandError, match=re.escape(message)):
         run("poolclose", *args)
+
+
+@pytest.mark.parametrize("fault", ["a file in its place", "below a file"])
+@pytest.mark.parametrize("command", ["poolstatus", "poolclose"])
+def test_a_failing_status_directory_is_a_command_error_naming_it_and_the_fix(
+    tmp_path: Path, settings: Settings, fault: str, command: str
+) -> None:
+    squatter = tmp_path / "squatter"
+    squatter.write_text("")
+    where = squatter if fault == "a file in its place" else squatter / "status"
+    settings.PGPOOL_STATUS_DIR = str(where)
+    with pytest.raises(CommandError) as failure:
+        run(command)
+    assert str(where) in str(failure.value)
+    assert "PGPOOL_STATUS_DIR" in str(failure.value)
 
 
 # -- poolclose --kill: the server-side way ---------------------------------------

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
+from pytest_django.fixtures import Settings
 
-from django_pgpool import identity, status
+from django_pgpool import identity, maintenance, status
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -81,3 +88,239 @@ def test_pooled_sessions_carry_the_tag_and_keep_the_users_name() -> None:
     long = identity.application_name("default", "é" * 80)
     assert len(long.encode()) <= 63
     assert identity.TAG_PATTERN.search(long)
+
+
+# -- a status directory that fails -----------------------------------------------
+#
+# Real faults, made as they would happen: a file, a link or another user's
+# directory at the predictable per-user path in a shared temporary
+# directory (a private one here: tempfile.tempdir), a configured directory
+# below a regular file, and, as root, a full or read-only file system (a
+# small tmpfs: root ignores permission bits, so chmod 0500 is no fault for
+# it). The hook is called here, round after round, instead of waiting for
+# the maintenance thread (taken off the hook meanwhile).
+
+ROUNDS = 5
+
+
+@pytest.fixture
+def rounds(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[int], None]]:
+    """Run the maintenance thread's publishing hook, each time as if its retry were due."""
+    caplog.set_level(logging.INFO, logger="django_pgpool")
+    maintenance.remove_hook(status._publish_quietly)
+    fresh()
+
+    def run(count: int = ROUNDS) -> None:
+        for _ in range(count):
+            if hasattr(status, "_health"):
+                status._health.retry_at = 0.0
+            status._publish_quietly()
+
+    yield run
+    fresh()
+    maintenance.add_hook(status._publish_quietly)
+
+
+def fresh() -> None:
+    """Forget what was published and how it went, so the next round writes a snapshot."""
+    status._published.update(body=None)
+    if hasattr(status, "_health"):
+        status._health = type(status._health)()
+
+
+@pytest.fixture
+def default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Path:
+    """Use the default status directory, in a private temporary directory; return its parent."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    del settings.PGPOOL_STATUS_DIR
+    monkeypatch.delenv("DJANGO_PGPOOL_STATUS_DIR", raising=False)
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.settings")
+    top = shared / f"django_pgpool-{os.getuid()}"
+    assert status.status_dir(create=False) == top / "tests.settings"
+    return top
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+
+def own_file() -> Path:
+    return status.status_dir(create=False) / f"{os.getpid()}.json"
+
+
+def assert_said_once_then_recovers(
+    caplog: pytest.LogCaptureFixture, rounds: Callable[[int], None], fix: Callable[[], None]
+) -> str:
+    """Over several rounds: one WARNING, no traceback; fixed: published again, one INFO."""
+    rounds(ROUNDS)
+    warnings = messages(caplog, logging.WARNING)
+    assert len(warnings) == 1, warnings
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert "PGPOOL_STATUS_DIR" in warnings[0]
+    assert "DJANGO_PGPOOL_STATUS_DIR" in warnings[0]
+    fix()
+    rounds(ROUNDS)
+    assert json.loads(own_file().read_text())["pid"] == os.getpid()
+    recovered = [m for m in messages(caplog, logging.INFO) if "published again" in m]
+    assert len(recovered) == 1, recovered
+    assert len(messages(caplog, logging.WARNING)) == 1
+    return warnings[0]
+
+
+def test_a_file_squatting_the_per_user_directory_is_refused_said_once_and_left_when_gone(
+    default_dir: Path, caplog: pytest.LogCaptureFixture, rounds: Callable[[int], None]
+) -> None:
+    default_dir.write_text("not yours")
+    with pytest.raises(ImproperlyConfigured, match="is not a directory") as refused:
+        status.status_dir()
+    assert str(default_dir) in str(refused.value)
+    warning = assert_said_once_then_recovers(caplog, rounds, default_dir.unlink)
+    assert str(default_dir) in warning and "is not a directory" in warning
+
+
+@pytest.mark.parametrize("level", ["per-user", "per-project"])
+def test_a_symbolic_link_squatting_the_status_directory_is_never_followed(
+    default_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    rounds: Callable[[int], None],
+    level: str,
+) -> None:
+    # Even to a directory that would pass (this user's, 0700): whoever
+    # planted the link may point it elsewhere at any time.
+    target = default_dir.parent / "elsewhere"
+    target.mkdir(mode=0o700)
+    if level == "per-user":
+        link = default_dir
+    else:
+        default_dir.mkdir(mode=0o700)
+        link = default_dir / "tests.settings"
+    link.symlink_to(target)
+    with pytest.raises(ImproperlyConfigured, match="is a symbolic link") as refused:
+        status.status_dir()
+    assert str(link) in str(refused.value)
+    warning = assert_said_once_then_recovers(caplog, rounds, link.unlink)
+    assert str(link) in warning
+    assert list(target.iterdir()) == []
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory of another user's needs root")
+@pytest.mark.parametrize("level", ["per-user", "per-project"])
+def test_a_directory_of_another_user_is_refused(
+    default_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    rounds: Callable[[int], None],
+    level: str,
+) -> None:
+    default_dir.mkdir(mode=0o700)
+    theirs = default_dir if level == "per-user" else default_dir / "tests.settings"
+    theirs.mkdir(mode=0o700, exist_ok=True)
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(ImproperlyConfigured, match=f"belongs to uid {NOBODY}") as refused:
+        status.status_dir()
+    assert str(theirs) in str(refused.value)
+    warning = assert_said_once_then_recovers(
+        caplog, rounds, lambda: os.chown(theirs, os.getuid(), os.getgid())
+    )
+    assert f"belongs to uid {NOBODY}" in warning
+
+
+def test_a_per_user_directory_open_to_others_is_refused(
+    default_dir: Path, caplog: pytest.LogCaptureFixture, rounds: Callable[[int], None]
+) -> None:
+    default_dir.mkdir()
+    default_dir.chmod(0o777)
+    with pytest.raises(ImproperlyConfigured, match="accessible to other users") as refused:
+        status.status_dir()
+    assert str(default_dir) in str(refused.value)
+    assert_said_once_then_recovers(caplog, rounds, lambda: default_dir.chmod(0o700))
+
+
+def test_a_status_directory_below_a_file_is_said_once_retried_and_recovers(
+    tmp_path: Path,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    rounds: Callable[[int], None],
+) -> None:
+    # mkdir() fails with an OSError (not ImproperlyConfigured), as root too.
+    blocker = tmp_path / "volume"
+    blocker.write_text("")
+    settings.PGPOOL_STATUS_DIR = str(blocker / "status")
+    warning = assert_said_once_then_recovers(caplog, rounds, blocker.unlink)
+    assert str(blocker) in warning
+
+
+def test_a_failing_status_directory_is_retried_with_a_doubling_delay_up_to_a_minute(
+    tmp_path: Path,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    rounds: Callable[[int], None],
+) -> None:
+    blocker = tmp_path / "volume"
+    blocker.write_text("")
+    settings.PGPOOL_STATUS_DIR = str(blocker / "status")
+    delays = []
+    for _ in range(8):
+        rounds(1)
+        delays.append(status._health.delay)
+    assert delays == [2, 4, 8, 16, 32, 60, 60, 60]
+    blocker.unlink()
+    status._publish_quietly()  # before the retry is due: not tried
+    assert not own_file().exists()
+    rounds(1)
+    assert own_file().exists()
+    assert status._health.delay == 0
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path) -> Iterator[Path]:
+    """Mount a 64 KiB tmpfs at ``where`` (skip the test when this process may not)."""
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"can't mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def remount(volume: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(volume)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_status_directory_is_said_once_and_recovers(
+    tmp_path: Path,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    rounds: Callable[[int], None],
+    fault: str,
+) -> None:
+    with small_tmpfs(tmp_path / "mnt") as volume:
+        settings.PGPOOL_STATUS_DIR = str(volume)
+        filler = volume / "filler"
+        if fault == "full":
+            with contextlib.suppress(OSError), filler.open("wb") as out:
+                while True:
+                    out.write(b"\0" * 4096)
+                    out.flush()
+            fix: Callable[[], None] = filler.unlink
+        else:
+            remount(volume, "ro")
+
+            def fix() -> None:
+                remount(volume, "rw")
+
+        warning = assert_said_once_then_recovers(caplog, rounds, fix)
+        expected = "No space left on device" if fault == "full" else "Read-only file system"
+        assert expected in warning

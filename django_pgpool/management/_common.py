@@ -184,8 +184,8 @@ def read_host_snapshots() -> list[dict[str, Any]]:
     own_pid = os.getpid()
     try:
         published = status.read_snapshots()
-    except ImproperlyConfigured as exc:
-        raise CommandError(str(exc)) from exc
+    except (ImproperlyConfigured, OSError) as exc:
+        raise CommandError(status.describe_failure(exc)) from exc
     snapshots = [s for s in published if s.get("pid") != own_pid]
     if registry.entries():
         own = next((s for s in published if s.get("pid") == own_pid), {})

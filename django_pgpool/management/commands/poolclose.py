@@ -155,7 +155,9 @@ class Command(BaseCommand):
         try:
             generations = status.request_reconnect(aliases)
         except (ImproperlyConfigured, OSError) as exc:  # the status directory
-            raise CommandError(f"couldn't ask for a reconnect: {exc}") from exc
+            raise CommandError(
+                f"couldn't ask for a reconnect: {status.describe_failure(exc)}"
+            ) from exc
         targets: dict[str, list[int]] = {}
         for alias in aliases:
             pids = [p["pid"] for p in host_processes(alias, snapshots)]
