@@ -23,9 +23,9 @@ shared temporary directory, at a name anyone can predict: another user may
 have put a file, a symbolic link or a directory of theirs there first. So
 each directory we create or rely on (``django_pgpool-<uid>`` and the one
 below it, or the configured directory) must be a real directory (not a
-link: opened with O_NOFOLLOW), owned by this user, with no group or other
-permission; anything else is refused with an ImproperlyConfigured naming the
-path and the fix.
+link: opened with O_NOFOLLOW), owned by this user, writable by it only;
+anything else is refused with an ImproperlyConfigured naming the path and
+the fix. Its group and other permissions are then removed (0700).
 
 A status directory that fails (refused as above, read-only, full...) never
 stops the pools: the maintenance thread says so once (WARNING), tries again
@@ -145,11 +145,17 @@ def _open_private_dir(parent: int, path: Path) -> int:
         kind = "a symbolic link" if os.path.islink(path) else "not a directory"
         raise _unsafe(path, f"is {kind}") from exc
     info = os.fstat(fd)
+    mode = stat.S_IMODE(info.st_mode)
     problem = None
     if info.st_uid != os.getuid():
         problem = f"belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
-    elif stat.S_IMODE(info.st_mode) & 0o077:
-        problem = f"is accessible to other users (mode {stat.S_IMODE(info.st_mode):o})"
+    elif mode & 0o022:
+        problem = f"is writable by other users (mode {mode:o})"
+    elif mode & 0o077:
+        # Ours, and no one else could have put anything in it: earlier
+        # versions made the per-user directory with the umask's mode (often
+        # 0755). Close it rather than refuse it.
+        os.fchmod(fd, mode & 0o700)
     if problem is not None:
         os.close(fd)
         raise _unsafe(path, problem)

@@ -229,15 +229,24 @@ def test_a_directory_of_another_user_is_refused(
     assert f"belongs to uid {NOBODY}" in warning
 
 
-def test_a_per_user_directory_open_to_others_is_refused(
+def test_a_per_user_directory_writable_by_others_is_refused(
     default_dir: Path, caplog: pytest.LogCaptureFixture, rounds: Callable[[int], None]
 ) -> None:
     default_dir.mkdir()
     default_dir.chmod(0o777)
-    with pytest.raises(ImproperlyConfigured, match="accessible to other users") as refused:
+    with pytest.raises(ImproperlyConfigured, match="is writable by other users") as refused:
         status.status_dir()
     assert str(default_dir) in str(refused.value)
     assert_said_once_then_recovers(caplog, rounds, lambda: default_dir.chmod(0o700))
+
+
+def test_a_per_user_directory_readable_by_others_is_closed_and_used(default_dir: Path) -> None:
+    # As earlier versions left it (the umask's mode): no one else could write in it.
+    default_dir.mkdir()
+    default_dir.chmod(0o755)
+    directory = status.status_dir()
+    assert default_dir.stat().st_mode & 0o777 == 0o700
+    assert directory.stat().st_mode & 0o777 == 0o700
 
 
 def test_a_status_directory_below_a_file_is_said_once_retried_and_recovers(
