@@ -21,14 +21,9 @@ from django.core.management import BaseCommand, CommandError
 
 from ... import maintenance, registry, status
 from ...identity import HOSTNAME
-from .._common import (
-    add_database_argument,
-    host_processes,
-    read_host_snapshots,
-    selected_aliases,
-    terminate,
-    wait_until_gone,
-)
+from .._aliases import add_database_argument, selected_aliases
+from .._host import host_processes, read_host_snapshots
+from .._server import terminate, wait_until_gone
 
 #: Seconds ``--wait`` waits when given no value.
 DEFAULT_WAIT = 30.0

@@ -14,16 +14,10 @@ from django.core.management import BaseCommand, CommandError
 
 from ... import status
 from ...identity import HOSTNAME
-from .._common import (
-    add_database_argument,
-    database_identity,
-    host_processes,
-    pool_config,
-    read_host_snapshots,
-    selected_aliases,
-    server_view,
-    unreachable_server_view,
-)
+from .._aliases import add_database_argument, pool_config, selected_aliases
+from .._host import host_processes, read_host_snapshots
+from .._redaction import database_identity
+from .._server import server_view, unreachable_server_view
 
 NO_PROCESS = "no process on this host has a pool of this database"
 NO_SESSION = "no session of this database's pools"

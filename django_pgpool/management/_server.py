@@ -1,246 +1,37 @@
-"""What the management commands share: choosing the databases, what may be shown
-of one, and the two ways of seeing (and steering) the pools of other processes.
+"""The server, across hosts: the sessions of the pools in pg_stat_activity, and ending them.
 
-* This host: every process that has a pool publishes a snapshot of it in the
-  status directory (``status.py``); ``read_host_snapshots()`` reads them and
-  ``status.request_reconnect()`` asks those processes to reconnect.
-* The server, across hosts: every pooled session carries the tag
-  ``[pgpool <alias>@<host>:<pid>]`` at the end of its application_name
-  (``identity.application_name()``); ``server_view()`` reads pg_stat_activity
-  through the alias's own connection and ``terminate()`` ends sessions.
-
-Nothing here ever returns a password: the PASSWORD setting is never read, and
-OPTIONS values are shown only for keys known to hold no secret.
+Every pooled session carries the tag ``[pgpool <alias>@<host>:<pid>]`` at
+the end of its application_name (``identity.application_name()``);
+``server_view()`` reads pg_stat_activity in a session of the command's own
+and ``terminate()`` ends the pools' sessions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import time
-from argparse import ArgumentParser
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError
 from django.db import Error as DatabaseError
-from django.db import connections
 from django.db.backends.utils import CursorWrapper
 
-from .. import registry, status
-from ..base import NO_DB_ALIAS, DatabaseWrapper
-from ..checks import ENGINES
-from ..identity import HOSTNAME, TAG_PATTERN
-from ..options import POOL_KEYS
-from ..pool import STATS_KEYS
+from ..base import NO_DB_ALIAS
+from ..identity import TAG_PATTERN
+from ._aliases import database_wrapper
+from ._redaction import database_identity, one_line
 
 __all__ = [
-    "ACTIVITY_KEYS",
-    "ENGINES",
-    "HIDDEN",
+    "CONNECT_TIMEOUT",
     "Backend",
     "Termination",
-    "add_database_argument",
-    "database_identity",
-    "host_processes",
-    "pool_config",
-    "read_host_snapshots",
-    "selected_aliases",
     "server_view",
-    "shown_options",
     "terminate",
     "unreachable_server_view",
     "wait_until_gone",
 ]
-
-#: What is shown in place of an OPTIONS value that may hold a secret.
-HIDDEN = "<hidden>"
-
-#: OPTIONS keys (besides the pool's own) whose values are shown. Any other
-#: key may hold a secret (password, passfile, sslpassword, sslkey, a service
-#: file...) and is shown by name only.
-SHOWN_OPTIONS = frozenset(
-    {
-        "application_name",
-        "assume_role",
-        "client_encoding",
-        "connect_timeout",
-        "gssencmode",
-        "isolation_level",
-        "keepalives",
-        "keepalives_count",
-        "keepalives_idle",
-        "keepalives_interval",
-        "options",
-        "server_side_binding",
-        "sslmode",
-        "target_session_attrs",
-    }
-)
-
-
-def add_database_argument(parser: ArgumentParser, action: str) -> None:
-    """Add the repeatable ``--database ALIAS`` option; ``action`` says what it does."""
-    parser.add_argument(
-        "--database",
-        action="append",
-        dest="databases",
-        metavar="ALIAS",
-        help=f"{action}; repeat it for several. Default: every database whose ENGINE is "
-        f"{ENGINES[0]!r}.",
-    )
-
-
-def _pooled_aliases() -> list[str]:
-    return [alias for alias in connections if connections.settings[alias].get("ENGINE") in ENGINES]
-
-
-def selected_aliases(requested: Iterable[str] | None) -> list[str]:
-    """Return the aliases asked for (default: all on this ENGINE); raise CommandError if one
-    is unknown or on another ENGINE."""
-    pooled = _pooled_aliases()
-    if not requested:
-        return pooled
-    valid = ", ".join(repr(alias) for alias in pooled) or "none"
-    chosen: list[str] = []
-    for alias in requested:
-        if alias not in connections.settings:
-            raise CommandError(
-                f"unknown database {alias!r}; databases on ENGINE {ENGINES[0]!r}: {valid}"
-            )
-        if alias not in pooled:
-            engine = connections.settings[alias].get("ENGINE")
-            raise CommandError(
-                f"database {alias!r} uses ENGINE {engine!r}, not {ENGINES[0]!r}; "
-                f"databases on ENGINE {ENGINES[0]!r}: {valid}"
-            )
-        if alias not in chosen:
-            chosen.append(alias)
-    return chosen
-
-
-def _wrapper(alias: str) -> DatabaseWrapper:
-    wrapper = connections[alias]
-    if not isinstance(wrapper, DatabaseWrapper):  # an ENGINE string we know, another class
-        raise CommandError(f"database {alias!r} is not a django_pgpool DatabaseWrapper")
-    return wrapper
-
-
-def pool_config(alias: str) -> dict[str, Any]:
-    """Return the validated pool options; raise CommandError if they are invalid."""
-    try:
-        return _wrapper(alias).pool_options().as_dict()
-    except ImproperlyConfigured as exc:
-        raise CommandError(str(exc)) from exc
-
-
-def shown_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the OPTIONS that go to libpq, with every value that may be a secret hidden."""
-    return {
-        str(key): (value if key in SHOWN_OPTIONS else HIDDEN)
-        for key, value in options.items()
-        if key not in POOL_KEYS
-    }
-
-
-def _shown_name(name: str) -> str:
-    # libpq takes a dbname holding "=" or a postgres:// URI as a connection
-    # string, which may carry a password.
-    return HIDDEN if "=" in name or "://" in name else name
-
-
-def database_identity(alias: str) -> dict[str, Any]:
-    """Return the database an alias reaches (NAME, HOST, PORT, USER, OPTIONS), no password."""
-    settings_dict = _wrapper(alias).settings_dict
-    identity: dict[str, Any] = {
-        key: str(settings_dict.get(key) or "") for key in ("NAME", "HOST", "PORT", "USER")
-    }
-    identity["NAME"] = _shown_name(identity["NAME"])
-    identity["OPTIONS"] = shown_options(settings_dict.get("OPTIONS") or {})
-    return identity
-
-
-# -- this host: the snapshots the processes publish ------------------------------
-
-#: What a published pool holds besides STATS_KEYS, and its value when missing.
-ACTIVITY_KEYS: dict[str, Any] = {
-    "longest_wait_s": 0.0,
-    "oldest_checkout": None,
-    "retired_in_use": 0,
-    "wait_buckets": [],  # queued borrowers' waits, counted per pool.WAIT_BUCKETS bound, +Inf
-}
-
-
-def read_host_snapshots() -> list[dict[str, Any]]:
-    """Return the snapshots of this host's live processes that have pools, by pid.
-
-    This process (when it has pools: call_command() inside a worker) is
-    described by its live figures, taken now; its published file may be a
-    second old.
-    """
-    own_pid = os.getpid()
-    try:
-        published = status.read_snapshots()
-    except (ImproperlyConfigured, OSError) as exc:
-        raise CommandError(status.describe_failure(exc)) from exc
-    snapshots = [s for s in published if s.get("pid") != own_pid]
-    if registry.entries():
-        own = next((s for s in published if s.get("pid") == own_pid), {})
-        live = status.snapshot()
-        live["updated"] = time.time()
-        live["reconnect_seen"] = own.get("reconnect_seen", {})
-        snapshots.append(live)
-    return sorted(snapshots, key=lambda s: int(s.get("pid", 0)))
-
-
-def _shown_database(database: Mapping[str, Any]) -> dict[str, str]:
-    shown = {str(key): str(value) for key, value in database.items()}
-    if "dbname" in shown:
-        shown["dbname"] = _shown_name(shown["dbname"])
-    return shown
-
-
-def _published_pool(pool: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a published pool with every documented key, in a stable order."""
-    figures = {key: pool.get(key, 0) for key in STATS_KEYS}
-    activity = {key: pool.get(key, default) for key, default in ACTIVITY_KEYS.items()}
-    known = {"aliases", "database", "options", *figures, *activity}
-    return {
-        "aliases": list(pool.get("aliases", [])),
-        "database": _shown_database(pool.get("database", {})),
-        "options": dict(pool.get("options", {})),
-        **figures,
-        **activity,
-        **{key: value for key, value in pool.items() if key not in known},
-    }
-
-
-def host_processes(alias: str, snapshots: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Return the processes (of these snapshots) that have a pool of ``alias``, with those pools."""
-    processes = []
-    for snapshot in snapshots:
-        pools = [
-            _published_pool(pool)
-            for pool in snapshot.get("pools", [])
-            if alias in pool.get("aliases", ())
-        ]
-        if pools:
-            processes.append(
-                {
-                    "pid": int(snapshot["pid"]),
-                    "host": str(snapshot.get("host", HOSTNAME)),
-                    "updated": snapshot.get("updated"),
-                    "reconnect_seen": int(snapshot.get("reconnect_seen", {}).get(alias, 0)),
-                    "pools": pools,
-                }
-            )
-    return processes
-
-
-# -- the server: pg_stat_activity, across hosts ----------------------------------
 
 IDLE = "idle"
 ACTIVE = "active"
@@ -284,26 +75,6 @@ def _where(alias: str) -> str:
     return f"{where} as {identity['USER']}" if identity["USER"] else where
 
 
-def _one_line(exc: BaseException, alias: str) -> str:
-    """Return an error's message on one line, with what poolstatus hides hidden.
-
-    libpq's messages may name a service, a key file or a connection string
-    given in the settings; the command shows those as "<hidden>".
-    """
-    text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
-    settings_dict = _wrapper(alias).settings_dict
-    name = str(settings_dict.get("NAME") or "")
-    hidden = [settings_dict.get("PASSWORD"), name if _shown_name(name) == HIDDEN else None]
-    options = settings_dict.get("OPTIONS") or {}
-    hidden += [
-        value for key, value in options.items() if shown_options({key: value}).get(key) == HIDDEN
-    ]
-    for value in hidden:
-        if value is not None and len(str(value)) >= 4:  # shorter: no secret, and too common
-            text = text.replace(str(value), HIDDEN)
-    return text
-
-
 #: Seconds the command waits for the server to answer a connection attempt
 #: (when OPTIONS has no connect_timeout).
 CONNECT_TIMEOUT = 10
@@ -317,7 +88,7 @@ def _server_cursor(alias: str, command: str, purpose: str) -> Iterator[CursorWra
     so it publishes no snapshot of its own and its session carries no tag.
     Raises CommandError if the database can't be reached.
     """
-    wrapper = _wrapper(alias)
+    wrapper = database_wrapper(alias)
     options = dict(wrapper.settings_dict.get("OPTIONS") or {})
     options.setdefault("connect_timeout", CONNECT_TIMEOUT)
     options["application_name"] = f"django_pgpool {command}"
@@ -328,7 +99,7 @@ def _server_cursor(alias: str, command: str, purpose: str) -> Iterator[CursorWra
         except DatabaseError as exc:
             raise CommandError(
                 f"couldn't connect to database {alias!r} ({_where(alias)}) for {purpose}: "
-                f"{_one_line(exc, alias)}"
+                f"{one_line(exc, alias)}"
             ) from exc
         with look.cursor() as cursor:
             yield cursor
@@ -474,7 +245,7 @@ def terminate(alias: str, include_active: bool, idle_for: float) -> Termination:
                 done = f"ended {len(terminated)} of {len(targets)}; " if terminated else ""
                 raise CommandError(
                     f"role {role!r} may not end the sessions of database {alias!r} "
-                    f"({done}{_one_line(exc, alias)}). {_run_as(role, 'pg_signal_backend')}."
+                    f"({done}{one_line(exc, alias)}). {_run_as(role, 'pg_signal_backend')}."
                 ) from exc
             if row is None:
                 left.append(backend)  # lent meanwhile (or gone)
