@@ -12,7 +12,7 @@ import math
 import os
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
@@ -24,10 +24,10 @@ from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg
 from django.db.utils import DEFAULT_DB_ALIAS
 from django.utils.asyncio import async_unsafe
 
-from . import registry, status
+from . import forking, registry, status
 from .identity import application_name
 from .options import POOL_KEYS, PoolOptions, parse_options
-from .pool import INHERITED_BUSY, ConnectionPool, detach_inherited
+from .pool import ConnectionPool
 from .session import PooledConnection
 
 __all__ = ["DatabaseWrapper"]
@@ -120,8 +120,9 @@ RETURNED = _ReturnedConnection()
 class _BorrowPlan:
     """What a wrapper worked out for one state of its settings (see _plan())."""
 
-    signature: tuple[Any, ...]
-    params: dict[str, Any]
+    # Not in the repr: both hold the password.
+    signature: tuple[Any, ...] = field(repr=False)
+    params: dict[str, Any] = field(repr=False)
     options: PoolOptions
     pool: ConnectionPool | None = None
 
@@ -146,17 +147,18 @@ _wrappers: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
 def _forget_inherited_connections() -> None:
     pid = os.getpid()
     for wrapper in list(_wrappers):
+        # The plan holds the parent's pool: worked out again at the next borrow.
+        wrapper._pgpool_plan = None
         connection = wrapper.connection
         if connection is not None and getattr(connection, "pool_pid", 0) not in (0, pid):
             # Another parent thread may have been inside a query on it: never
             # close it here (see ConnectionPool.after_fork_in_child).
-            detach_inherited(connection, close=False)
-            INHERITED_BUSY.append(connection)
+            forking.detach_inherited(connection, close=False)
             wrapper.connection = None
             wrapper._pgpool = None
 
 
-os.register_at_fork(after_in_child=_forget_inherited_connections)
+forking.register("wrappers", after_in_child=_forget_inherited_connections)
 
 
 class DatabaseWrapper(PostgresDatabaseWrapper):
@@ -170,6 +172,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         # The pool the current connection was borrowed from: it may no longer
         # be the registry's pool for these settings when it is returned.
         self._pgpool: ConnectionPool | None = None
+        self._pgpool_loan = 0  # the loan number of the current connection
         self._pgpool_plan: _BorrowPlan | None = None
         self._pgpool_sharing = _sharing_check(self)
         _wrappers.add(self)
@@ -288,9 +291,19 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
             )
             if conn_params == plan.params:
                 plan.pool = pool
-        connection = pool.getconn()
-        connection.shared = self._pgpool_sharing
-        self._pgpool = pool
+        connection = None
+        try:
+            connection = pool.getconn()
+            # Recorded before anything else can interrupt: close() returns it.
+            self._pgpool, self._pgpool_loan = pool, connection.loan
+            connection.shared = self._pgpool_sharing
+        except BaseException:
+            # Interrupted (a signal handler's exception): Django never sees
+            # this connection, so it goes back now.
+            if connection is not None:
+                self._pgpool = None
+                pool.putconn(connection, close=True, loan=connection.loan)
+            raise
         return connection
 
     def _set_autocommit(self, autocommit: bool) -> None:
@@ -316,7 +329,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         # then never be lent to anyone else, so it is closed, not kept.
         connection, self.connection = self.connection, RETURNED
         with self.wrap_database_errors:
-            pool.putconn(connection, close=self.in_atomic_block)
+            pool.putconn(connection, close=self.in_atomic_block, loan=self._pgpool_loan)
         if self.in_atomic_block:
             # Django keeps self.connection inside atomic(): the closed one.
             self.connection = connection

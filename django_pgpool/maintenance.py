@@ -6,40 +6,57 @@ thread, whatever the number of pools) and started lazily by the first pool;
 after fork() the child has no thread until its first pool needs one, and
 every inherited pool forgets the parent's connections.
 
-Lock discipline: ``_lock`` guards ``_pools`` and ``_thread``. It is never held
-while a pool does its maintenance (which may connect), only while the list of
-pools is copied.
+Lock discipline: ``_lock`` guards ``_pools``, ``_hooks`` and ``_thread``. It
+is never held while a pool does its maintenance (which may connect), only
+while the list of pools is copied or the thread started.
+
+What it needs of a pool is the ``Maintained`` protocol: it imports no pool.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .pool import ConnectionPool
+from . import forking
 
-__all__ = ["INTERVAL", "add_hook", "register", "remove_hook", "wake"]
+__all__ = ["INTERVAL", "Maintained", "add_hook", "register", "remove_hook", "wake"]
 
 logger = logging.getLogger("django_pgpool")
 
 #: Seconds between two rounds of maintenance.
 INTERVAL = 1.0
 
+
+class Maintained(Protocol):
+    """What the maintenance thread needs of a pool."""
+
+    name: str
+
+    def maintain(self) -> None:
+        """Do one round: close what must go, refill, cut off overdue round trips."""
+
+    def next_deadline(self) -> float | None:
+        """Return when the earliest round trip under way must be cut off, if any."""
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's connections (runs in a forked child)."""
+
+
 _lock = threading.Lock()
-_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+_pools: weakref.WeakSet[Maintained] = weakref.WeakSet()
 # Called after each round (e.g. to publish status snapshots); never raise out.
 _hooks: list[Callable[[], None]] = []
 _thread: threading.Thread | None = None
+_start_failed = False  # the last start failed (said once until one succeeds)
 _wakeup = threading.Event()
 
 
-def register(pool: ConnectionPool) -> None:
+def register(pool: Maintained) -> None:
     """Have ``pool`` maintained; start the thread if this process has none.
 
     No round is asked for now: the pool's first borrower is about to open a
@@ -71,11 +88,28 @@ def wake() -> None:
 
 
 def _ensure_thread() -> None:
-    """Start the maintenance thread if this process has none. ``_lock`` held."""
-    global _thread
-    if _thread is None or not _thread.is_alive():
-        _thread = threading.Thread(target=_run, name="django_pgpool-maintenance", daemon=True)
-        _thread.start()
+    """Start the maintenance thread if this process has none. ``_lock`` held.
+
+    Never raises: it is called by pools at every state change that wants a
+    round, and a thread that can't be started (``RuntimeError: can't start
+    new thread``) must not interrupt one. The next call tries again.
+    """
+    global _thread, _start_failed
+    if _thread is not None and _thread.is_alive():
+        return
+    thread = threading.Thread(target=_run, name="django_pgpool-maintenance", daemon=True)
+    try:
+        thread.start()
+    except Exception as exc:
+        if not _start_failed:
+            logger.warning(
+                "django_pgpool: couldn't start the maintenance thread (%s); pools are not "
+                "refilled or trimmed until it can be started, and it will be tried again",
+                exc,
+            )
+        _start_failed = True
+        return
+    _thread, _start_failed = thread, False
 
 
 def _run() -> None:
@@ -109,10 +143,12 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     _thread = None
     _wakeup = threading.Event()
-    # The inherited pools keep working in the child, with connections of
-    # its own; the thread is started again by the next wake().
+    # The inherited pools stay usable in the child, with connections of its
+    # own, but open none until the child borrows from one (a pool only the
+    # parent used must not hold minconn sessions in every child); the thread
+    # is started again by the next wake().
     for pool in list(_pools):
         pool.after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forking.register("maintenance", after_in_child=_after_fork_in_child)

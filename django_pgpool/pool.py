@@ -2,26 +2,52 @@
 
 Django-free: usable (and tested) on its own.
 
+Slots, loans and reservations
+-----------------------------
+Every connection the pool has open, or is opening or closing, takes one of
+``maxconn`` *slots*, and every slot is recorded in exactly one place:
+
+* ``_idle``: a connection ready to be lent (most recently returned last);
+* ``_used``: a connection lent, keyed by its *loan*: a number drawn from
+  ``_tokens`` for each borrow, also kept on the connection (``conn.loan``);
+* ``_reserved``: a slot held by a borrow (or the refill, or a close) while a
+  connection is opened, checked or closed in it outside the lock, keyed by
+  the same kind of number.
+
+The pool's size is never stored: it is ``len(_idle) + len(_used) +
+len(_reserved)``, so a record dropped by an interrupted step frees its slot
+rather than losing it. A borrow draws its number first and records
+everything it holds under it (its place in the queue, a reserved slot, its
+loan), so that an exception raised at any point of it (a signal handler's,
+between any two bytecodes) is undone by ``_give_back(number)``. A return
+proves it holds the loan: ``putconn(conn, loan=...)``, or from the thread
+that borrowed; a stale return is an error and touches nothing.
+
+Invariants (checked by ``check_invariants()``, after every step in the tests):
+
+1. ``len(_idle) + len(_used) + len(_reserved) <= maxconn``;
+2. nothing is both idle and lent, no connection is lent twice or idle twice;
+3. every lent connection carries its loan number (``conn.loan``), every idle
+   one none (0); no number is both a loan and a reservation;
+4. every queued waiter is unserved and its number holds nothing else;
+5. when nothing is in progress: no reservation is left, and nobody waits
+   while a connection is idle or a slot is free.
+
 Lock discipline
 ---------------
 Each pool has one ``threading.Lock``, ``_lock``. It guards every mutable
-attribute of the pool: ``_idle``, ``_used``, ``_keys``, ``_nconns``,
-``_waiters``, ``_stats``, ``closed``, ``_refill_after``, ``_refilling``,
-``_refill_failures``, ``_deadlines``, ``_wait_counts`` and ``_reconnected_at``
+attribute of the pool: ``_idle``, ``_used``, ``_reserved``, ``_keys``,
+``_waiters``, ``_stats``, ``closed``, ``_dormant``, ``_refill_after``,
+``_refilling``, ``_refill_failures``, ``_deadlines`` and ``_reconnected_at``
 (a float also read without it: a stale read only delays a retirement). It is
-held only for
-bookkeeping: never during a connect, a query, a reset or a close (network
-I/O), so a slow server never blocks the threads that could be served from
-idle connections. (The one system call made under it is a zero-timeout
-``poll()`` of idle sockets during maintenance, which never blocks.)
-
-A connection being opened, checked or closed is outside both ``_idle`` and
-``_used`` but still counted in ``_nconns``: its *slot* is reserved, so the
-pool never has more than ``maxconn`` connections, counting the ones being
-opened. A connection being reset at return is still in ``_used`` (its
-borrower's) until putconn() takes the lock once to hand it on: fewer lock
-acquisitions mean fewer chances of a GIL switch while the lock is held,
-which makes the next borrower block.
+held only for bookkeeping: never during a connect, a query, a reset or a
+close (network I/O), so a slow server never blocks the threads that could be
+served from idle connections. (The system calls made under it never block: a
+zero-timeout ``poll()`` of idle sockets, and ``dup()`` of a socket about to
+be cut off.) Two lock-free reads are deliberate: ``putconn()`` checks
+``_used.get(loan) is conn`` before resetting (only the loan's holder can end
+the loan, so the answer can't change under it), and ``getconn()`` reads a
+keyed connection.
 
 Waiters queue in FIFO order. A returned connection (or a freed slot) is
 handed directly to the longest waiter under the lock, which then releases
@@ -32,8 +58,8 @@ the race under the GIL).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -41,7 +67,7 @@ import socket
 import threading
 import time
 import traceback
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -49,64 +75,43 @@ import psycopg2
 import psycopg2.extensions as ext
 import psycopg2.pool
 
-from . import maintenance
-from .errors import PoolClosed, PoolTimeout, TooManyRequests
+from . import forking, maintenance
+from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
+from .forking import INHERITED_BUSY, detach_inherited
 from .probe import input_probe
 from .session import Baseline, PooledConnection, reset_session
-
-__all__ = ["STATS_KEYS", "ConnectionPool"]
-
-logger = logging.getLogger("django_pgpool")
-
-# Counters (psycopg_pool's names, plus a few of our own).
-REQUESTS_NUM = "requests_num"
-REQUESTS_QUEUED = "requests_queued"
-REQUESTS_WAIT_MS = "requests_wait_ms"
-REQUESTS_ERRORS = "requests_errors"
-REQUESTS_TIMEOUTS = "requests_timeouts"
-USAGE_MS = "usage_ms"
-RETURNS_BAD = "returns_bad"
-RETURNS_RESET = "returns_reset"
-CONNECTIONS_NUM = "connections_num"
-CONNECTIONS_MS = "connections_ms"
-CONNECTIONS_ERRORS = "connections_errors"
-CONNECTIONS_LOST = "connections_lost"
-CONNECTIONS_EXPIRED = "connections_expired"
-CONNECTIONS_CLOSED = "connections_closed"
-CONNECTIONS_RECLAIMED = "connections_reclaimed"
-CONNECTIONS_LEAKED = "connections_leaked"
-
-#: Every figure get_stats() returns, in display order: gauges, then counters.
-GAUGE_KEYS = (
-    "pool_min",
-    "pool_max",
-    "pool_size",
-    "pool_available",
-    "pool_in_use",
-    "requests_waiting",
-)
-COUNTER_KEYS = (
+from .stats import (
+    CONNECTIONS_CLOSED,
+    CONNECTIONS_ERRORS,
+    CONNECTIONS_EXPIRED,
+    CONNECTIONS_LEAKED,
+    CONNECTIONS_LOST,
+    CONNECTIONS_MS,
+    CONNECTIONS_NUM,
+    CONNECTIONS_RECLAIMED,
+    GAUGE_KEYS,
+    REQUESTS_ERRORS,
     REQUESTS_NUM,
     REQUESTS_QUEUED,
-    REQUESTS_WAIT_MS,
-    REQUESTS_ERRORS,
     REQUESTS_TIMEOUTS,
-    USAGE_MS,
     RETURNS_BAD,
     RETURNS_RESET,
-    CONNECTIONS_NUM,
-    CONNECTIONS_MS,
-    CONNECTIONS_ERRORS,
-    CONNECTIONS_LOST,
-    CONNECTIONS_EXPIRED,
-    CONNECTIONS_CLOSED,
-    CONNECTIONS_RECLAIMED,
-    CONNECTIONS_LEAKED,
+    STATS_KEYS,
+    USAGE_MS,
+    WAIT_BUCKETS,
+    PoolStats,
 )
-STATS_KEYS = GAUGE_KEYS + COUNTER_KEYS
 
-#: Upper bounds (seconds) of the wait-time buckets of queued borrowers.
-WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
+__all__ = [
+    "INHERITED_BUSY",
+    "STATS_KEYS",
+    "WAIT_BUCKETS",
+    "ConnectionPool",
+    "InvariantError",
+    "detach_inherited",
+]
+
+logger = logging.getLogger("django_pgpool")
 
 # Waits at least this long are logged as warnings.
 SLOW_WAIT_MS = 1000
@@ -115,12 +120,28 @@ SLOW_WAIT_MS = 1000
 REFILL_BACKOFF = 2.0
 # Relative jitter on max_lifetime, so connections opened together don't expire together.
 LIFETIME_JITTER = 0.05
+# A borrow whose new connections keep failing waits this long before the
+# next try, doubling up to the last: a link that drops every connection
+# must not be hammered hundreds of times a second until the timeout.
+FRESH_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+# What a reserved slot is for (the values of _reserved).
+OPENING = "opening"
+CLOSING = "closing"
+
+# What a return does with the connection, besides the stats keys it may be
+# closed under (constants: the return path allocates nothing).
+KEPT = "kept"
+KEPT_RESET = "kept after a reset"
+CLOSE = "close"
+
+
+class InvariantError(AssertionError):
+    """The pool's bookkeeping broke one of its invariants (see the module docstring)."""
 
 
 class _ForkGate:
-    """Keep fork() out of connects: a child forked while another thread was
-    inside libpq's connect inherits libpq's and OpenSSL's internal locks held,
-    and its own first connect then blocks forever.
+    """Keep fork() out of connects (see forking.py, phase ``connects``).
 
     Connects hold the gate shared; fork() (``before`` hook) waits until none
     is in progress, at most FORK_WAIT seconds, and holds new ones back until
@@ -174,7 +195,8 @@ def _gate_after_fork_in_child() -> None:
     _fork_gate = _ForkGate()  # the parent's may be held: start afresh
 
 
-os.register_at_fork(
+forking.register(
+    "connects",
     before=_gate_before_fork,
     after_in_parent=_gate_after_fork_in_parent,
     after_in_child=_gate_after_fork_in_child,
@@ -182,18 +204,19 @@ os.register_at_fork(
 
 
 class _Waiter:
-    """A caller in line. The pool fills in ``conn``, ``granted`` or ``error``
+    """A borrow in line. The pool fills in ``conn``, ``granted`` or ``error``
     under the pool lock, then calls ``wake()``; only the waiter reads them."""
 
-    __slots__ = ("_ready", "conn", "error", "granted", "since", "thread")
+    __slots__ = ("_ready", "conn", "error", "granted", "since", "thread", "token")
 
-    def __init__(self, since: float) -> None:
+    def __init__(self, token: int, since: float) -> None:
         self._ready = threading.Lock()
         self._ready.acquire()
+        self.token = token
         self.since = since
         self.thread = threading.current_thread()
         self.conn: PooledConnection | None = None
-        self.granted = False  # a slot to open a new connection in
+        self.granted = False  # a slot (reserved under self.token) to open a connection in
         self.error: BaseException | None = None
 
     @property
@@ -205,6 +228,23 @@ class _Waiter:
 
     def wake(self) -> None:
         self._ready.release()
+
+
+class _RoundTrip:
+    """A health check or reset under way outside the lock, and its deadline.
+
+    ``cut`` is set under the pool lock by maintenance when it cuts the
+    socket off; the round trip's owner reads it under the lock when it ends,
+    so a connection that was cut is never lent, even if its query had
+    already succeeded.
+    """
+
+    __slots__ = ("conn", "cut", "due")
+
+    def __init__(self, conn: PooledConnection, due: float) -> None:
+        self.conn = conn
+        self.due = due
+        self.cut = False
 
 
 def _has_pending_input(conn: PooledConnection) -> bool:
@@ -234,12 +274,9 @@ def _why(reason: str | None, closing: bool) -> str:
     return "pool closed" if closing else "surplus idle"
 
 
-def _cut_off(conn: PooledConnection) -> None:
-    """Shut a connection's socket down, so a read blocked on it ends at once."""
-    try:
-        duplicate = socket.socket(fileno=os.dup(conn.fileno()))
-    except (OSError, psycopg2.Error):
-        return
+def _shut_down(fd: int) -> None:
+    """Shut down the socket behind ``fd`` (a dup the caller owns), then close ``fd``."""
+    duplicate = socket.socket(fileno=fd)
     try:
         duplicate.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -313,24 +350,30 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self._lock = threading.Lock()
         self.closed = False
         self._pid = os.getpid()
-        self._idle: deque[PooledConnection] = deque()  # most recently returned last
-        self._used: dict[int, PooledConnection] = {}  # id(conn) -> conn, checked out
+        # Inherited through fork() and not borrowed from in this process yet:
+        # maintenance opens nothing for it (see forking.py).
+        self._dormant = False
+        self._idle: deque[PooledConnection] = deque()
+        self._used: dict[int, PooledConnection] = {}  # loan number -> connection lent
+        self._reserved: dict[int, str] = {}  # number -> OPENING or CLOSING
         self._keys: dict[Hashable, PooledConnection] = {}  # psycopg2's getconn(key) API
-        self._nconns = 0  # idle + used + being opened/checked/reset/closed
         self._waiters: deque[_Waiter] = deque()
-        self._stats: Counter[str] = Counter()
+        self._stats = PoolStats()
+        # Loan and reservation numbers; next() on a count is atomic under the GIL.
+        self._tokens = itertools.count(1)
         self._refill_after = 0.0
         self._refilling = False  # a refill thread is running
         self._refill_failures = 0  # in a row: sets the backoff
         # Round trips under way outside the lock (health checks, resets), by
-        # id(conn): (conn, deadline). Maintenance cuts off the overdue ones.
-        self._deadlines: dict[int, tuple[PooledConnection, float]] = {}
-        # How long queued borrowers waited: counts per WAIT_BUCKETS upper bound
-        # (the last one is +Inf). Borrowers served at once are not counted here.
-        self._wait_counts = [0] * (len(WAIT_BUCKETS) + 1)
+        # id(conn). Maintenance cuts off the overdue ones.
+        self._deadlines: dict[int, _RoundTrip] = {}
         # Connections opened before this (monotonic) time are retired: closed
         # at return or borrow instead of being reused (reconnect()).
         self._reconnected_at = 0.0
+
+    def _size_locked(self) -> int:
+        """Return how many slots are taken: open, opening or closing. Lock held."""
+        return len(self._idle) + len(self._used) + len(self._reserved)
 
     # -- logging -------------------------------------------------------------
 
@@ -350,58 +393,78 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     # -- borrowing -----------------------------------------------------------
 
     def getconn(self, key: Hashable | None = None) -> PooledConnection:
-        """Return a healthy connection, waiting up to ``timeout`` seconds for one."""
+        """Return a healthy connection, waiting up to ``timeout`` seconds for one.
+
+        The connection's ``loan`` attribute is this loan's number: pass it to
+        ``putconn(conn, loan=...)`` to return it from another thread.
+        """
         if key is not None:
-            with self._lock:
-                conn = self._keys.get(key)
+            conn = self._keys.get(key)  # a dict read is atomic
             if conn is not None:
                 return conn
+        token = next(self._tokens)
+        # Everything the pool records for this borrow is under ``token`` from
+        # here on: whatever interrupts it gives all of it back.
+        try:
+            conn = self._borrow(token)
+            conn.borrowed_at = time.monotonic()
+            conn.borrower = threading.current_thread()
+            conn.leak_reported = False
+            conn.shared = None
+            if self.leak_timeout is not None:
+                # Costly (tens of µs), so only when leak detection is on.
+                conn.borrow_stack = "".join(traceback.format_stack(limit=30)[:-1])
+            if key is not None:
+                with self._lock:
+                    self._keys[key] = conn
+            return conn
+        except BaseException:
+            self._give_back(token)
+            raise
+
+    def _borrow(self, token: int) -> PooledConnection:
+        """Lend a healthy connection under loan ``token``, opening one if needed."""
         started = time.monotonic()
-        conn = self._take(started)
+        deadline = started + self.timeout
+        conn = self._take(token, started)
+        opened = 0  # connections this borrow opened
         while True:
             if conn is not None:
-                problem = self._problem(conn, started + self.timeout)
+                problem = self._problem(conn, deadline, fresh=opened > 0)
                 if problem is None:
-                    break
-                # Dead or expired: close it and open a new one in its slot.
-                _close_quietly(conn)
-                with self._lock:
-                    del self._used[id(conn)]
-                    self._stats[problem] += 1
-                    self._stats[CONNECTIONS_CLOSED] += 1
-                self._log(
-                    logging.DEBUG,
-                    "%s connection closed at borrow",
-                    problem.removeprefix("connections_"),
-                )
-            conn = self._open_in_reserved_slot()
-            with self._lock:
-                self._used[id(conn)] = conn
-        conn.borrowed_at = time.monotonic()
-        conn.borrower = threading.current_thread()
-        conn.leak_reported = False
-        conn.shared = None
-        if self.leak_timeout is not None:
-            # Costly (tens of µs), so only when leak detection is on.
-            conn.borrow_stack = "".join(traceback.format_stack(limit=30)[:-1])
-        if key is not None:
-            with self._lock:
-                self._keys[key] = conn
-        return conn
+                    return conn
+                self._replace_lent(token, conn, problem)
+                now = time.monotonic()
+                if opened:
+                    # Even a new connection failed: wait a little before the next.
+                    delay = FRESH_RETRY_DELAYS[min(opened, len(FRESH_RETRY_DELAYS)) - 1]
+                    if now + delay >= deadline:
+                        raise self._timeout_error(opened)
+                    time.sleep(delay)
+                elif now >= deadline:
+                    raise self._timeout_error(opened)
+            conn = self._open_lent(token)
+            opened += 1
 
-    def _take(self, started: float) -> PooledConnection | None:
-        """Take an idle connection, or reserve a slot (return None), waiting in line if needed."""
+    def _take(self, token: int, started: float) -> PooledConnection | None:
+        """Lend an idle connection under ``token``, or reserve a slot under it
+        (return None), waiting in line if needed."""
         with self._lock:
             self._stats[REQUESTS_NUM] += 1
             if self.closed:
                 raise PoolClosed(f"connection pool {self.name} is closed")
+            self._dormant = False
             if not self._waiters:
                 if self._idle:
+                    # Popped, then recorded: an interruption in between drops
+                    # the connection (its slot frees itself, the object closes
+                    # when collected), it never leaves a stale loan.
                     conn = self._idle.pop()
-                    self._used[id(conn)] = conn
+                    conn.loan = token
+                    self._used[token] = conn
                     return conn
-                if self._nconns < self.maxconn:
-                    self._nconns += 1
+                if self._size_locked() < self.maxconn:
+                    self._reserved[token] = OPENING
                     return None
             if self.max_waiting and len(self._waiters) >= self.max_waiting:
                 self._stats[REQUESTS_ERRORS] += 1
@@ -411,7 +474,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     f"{self.maxconn}, {len(self._used)} in use); raise OPTIONS['max_waiting'] "
                     "or OPTIONS['maxconn'], or return connections sooner"
                 )
-            waiter = _Waiter(started)
+            waiter = _Waiter(token, started)
             self._waiters.append(waiter)
             self._stats[REQUESTS_QUEUED] += 1
             # A thread died holding a connection: maintenance frees its slot,
@@ -426,11 +489,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         if not waiter.wait(self.timeout - (time.monotonic() - started)):
             # Before giving up: a borrower thread may have died since the last
             # maintenance round; its slot would go to the longest waiter.
-            self._close_and_release(self._reclaim_orphans())
+            self._close_reserved(self._reclaim_orphans())
             with self._lock:
                 if not waiter.served:
-                    self._waiters.remove(waiter)
-                    self._record_wait_locked(waiter, time.monotonic())
+                    self._remove_waiter_locked(waiter)
+                    self._stats.record_wait(time.monotonic() - waiter.since)
                     self._stats[REQUESTS_ERRORS] += 1
                     self._stats[REQUESTS_TIMEOUTS] += 1
                     message = self._timeout_message_locked()
@@ -451,17 +514,63 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 waited,
                 self.maxconn,
             )
-        return waiter.conn
+        return waiter.conn  # None: granted a slot reserved under our token
 
-    def _record_wait_locked(self, waiter: _Waiter, now: float) -> None:
-        """Count how long ``waiter`` waited, once: when served or given up. Lock held."""
-        waited = now - waiter.since
-        self._stats[REQUESTS_WAIT_MS] += int(waited * 1000)
-        self._wait_counts[bisect.bisect_left(WAIT_BUCKETS, waited)] += 1
+    def _remove_waiter_locked(self, waiter: _Waiter) -> None:
+        with contextlib.suppress(ValueError):  # an interrupted hand-off may have dequeued it
+            self._waiters.remove(waiter)
+
+    def _give_back(self, token: int, conn: PooledConnection | None = None) -> None:
+        """Undo whatever an interrupted or failed borrow or return holds under ``token``.
+
+        Its place in the queue is given up, a reserved slot freed, and a
+        connection still lent under it closed: it may have been interrupted
+        in the middle of a health check or a reset, so its session is not
+        trusted. ``conn``, if given, is closed too unless it made it back to
+        the pool (idle, or handed to a waiter). Nothing happens if nothing is
+        held (the usual case).
+        """
+        with self._lock:
+            for waiter in self._waiters:
+                if waiter.token == token:
+                    self._waiters.remove(waiter)
+                    break
+            victim = self._used.pop(token, None)
+            if victim is not None:
+                self._reserved[token] = CLOSING  # keep the slot until it is closed
+            elif conn is not None and not self._placed_locked(conn):
+                victim = conn  # dropped half-way: its slot is free already
+            if victim is None and token not in self._reserved:
+                return
+        if victim is not None:
+            self._deadlines.pop(id(victim), None)  # a dict pop is atomic
+            victim.loan = 0
+            _close_quietly(victim)
+            self._log(logging.DEBUG, "connection closed (its borrow or return was interrupted)")
+        self._release(token)
+
+    def _placed_locked(self, conn: PooledConnection) -> bool:
+        """Return True if ``conn`` is idle or lent. Lock held."""
+        return (conn.loan and self._used.get(conn.loan) is conn) or any(
+            c is conn for c in self._idle
+        )
+
+    def _timeout_error(self, opened: int) -> PoolTimeout:
+        """Say that no healthy connection could be had in time; count it."""
+        with self._lock:
+            self._stats[REQUESTS_ERRORS] += 1
+            self._stats[REQUESTS_TIMEOUTS] += 1
+        message = (
+            f"couldn't get a healthy connection for {self.name} within {self.timeout:.1f} s: "
+            + (f"{opened} new connection(s) failed their check" if opened else "checks overran")
+            + "; the server, or the link to it, may be failing"
+        )
+        self._log(logging.ERROR, "%s", message)
+        return PoolTimeout(message)
 
     def _timeout_message_locked(self) -> str:
         """Say why a borrow timed out and what to change. Lock held."""
-        opening = self._nconns - len(self._used) - len(self._idle)
+        opening = len(self._reserved)
         if opening and not self._used:
             advice = "the server may be slow or unreachable"
         else:
@@ -478,28 +587,39 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         """Bound a round trip on ``conn``: past the deadline, maintenance cuts its socket.
 
         psycopg2 can't time out a query on a link that stalls; shutting the
-        socket down makes libpq's read end at once with an error.
+        socket down makes libpq's read end at once with an error. A round
+        trip that was cut raises OperationalError when it ends, even if its
+        query had succeeded: the connection must not be lent.
         """
         seconds = max(seconds, 0.1)
+        trip = _RoundTrip(conn, time.monotonic() + seconds)
         with self._lock:
-            self._deadlines[id(conn)] = (conn, time.monotonic() + seconds)
-        if seconds < maintenance.INTERVAL:
-            maintenance.wake()  # its next round would come too late for this one
+            self._deadlines[id(conn)] = trip
         try:
+            if seconds < maintenance.INTERVAL:
+                maintenance.wake()  # its next round would come too late for this one
             yield
         finally:
             with self._lock:
-                self._deadlines.pop(id(conn), None)
+                if self._deadlines.get(id(conn)) is trip:
+                    del self._deadlines[id(conn)]
+                cut = trip.cut
+            if cut:
+                raise psycopg2.OperationalError(
+                    f"a round trip on a connection of {self.name} overran its deadline "
+                    "and was cut off"
+                )
 
     def next_deadline(self) -> float | None:
         """Return when the earliest round trip under way is due to be cut off, if any."""
         with self._lock:
-            return min((due for _, due in self._deadlines.values()), default=None)
+            return min((trip.due for trip in self._deadlines.values()), default=None)
 
-    def _problem(self, conn: PooledConnection, deadline: float) -> str | None:
+    def _problem(self, conn: PooledConnection, deadline: float, fresh: bool) -> str | None:
         """Return why ``conn`` can't be handed out (a stats key), or None if it can.
 
-        Runs outside the lock: it may do a round trip.
+        Runs outside the lock: it may do a round trip. A ``fresh`` connection
+        (just opened by this borrow) gets no round trip: it just did one.
         """
         if conn.closed:
             return CONNECTIONS_LOST
@@ -510,7 +630,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             # Free (no round trip): a backend that was terminated has said so.
             if _has_pending_input(conn):
                 return CONNECTIONS_LOST
-            if now - conn.returned_at <= self.check_after:
+            if fresh or now - conn.returned_at <= self.check_after:
                 return None
             # One round trip: outside autocommit psycopg2 would send BEGIN
             # first and the check would need a ROLLBACK after (three in all).
@@ -532,24 +652,39 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         """Return True if ``conn`` outlived max_lifetime or was opened before reconnect()."""
         return conn.expires_at <= now or conn.created_at < self._reconnected_at
 
-    def _open_in_reserved_slot(self) -> PooledConnection:
-        """Open a connection in a slot already counted in ``_nconns``."""
+    def _replace_lent(self, token: int, conn: PooledConnection, problem: str) -> None:
+        """Close a connection lent under ``token`` that failed its check; keep the slot."""
+        with self._lock:
+            # Reserved first, then the loan dropped: both at once for an
+            # instant is what _give_back() sorts out if interrupted.
+            self._reserved[token] = OPENING
+            del self._used[token]
+            conn.loan = 0
+            self._stats[problem] += 1
+            self._stats[CONNECTIONS_CLOSED] += 1
+        _close_quietly(conn)
+        self._log(
+            logging.DEBUG, "%s connection closed at borrow", problem.removeprefix("connections_")
+        )
+
+    def _open_lent(self, token: int) -> PooledConnection:
+        """Open a connection in the slot reserved under ``token`` and lend it under it."""
         try:
             conn = self._connect()
         except BaseException:
             with self._lock:
                 self._stats[REQUESTS_ERRORS] += 1
-                self._release_slot()
-            raise
+            raise  # getconn() gives the slot back
+        conn.loan = token
         with self._lock:
             closed = self.closed
-            if closed:
-                self._stats[CONNECTIONS_CLOSED] += 1
-                self._release_slot()
-        if closed:
-            _close_quietly(conn)
-            raise PoolClosed(f"connection pool {self.name} is closed")
-        return conn
+            if not closed:
+                self._used[token] = conn
+                del self._reserved[token]
+                return conn
+            self._stats[CONNECTIONS_CLOSED] += 1
+        _close_quietly(conn)
+        raise PoolClosed(f"connection pool {self.name} is closed")
 
     def _connect(self) -> PooledConnection:
         """Open and configure a new connection (no lock held; the slot is reserved)."""
@@ -570,6 +705,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 self._stats[CONNECTIONS_ERRORS] += 1
             raise
         now = time.monotonic()
+        conn.loan = 0
         conn.baseline = Baseline.capture(conn)
         conn.created_at = conn.returned_at = now
         conn.expires_at = now + self.max_lifetime * (1.0 - LIFETIME_JITTER * random.random())
@@ -584,101 +720,188 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
     def putconn(  # type: ignore[override]
         self,
-        conn: PooledConnection,  # type: ignore[override]
+        conn: ext.connection,
         key: Hashable | None = None,
         close: bool = False,
+        *,
+        loan: int | None = None,
     ) -> None:
         """Give ``conn`` back. Broken connections are discarded, never raised about.
 
-        ``close=True`` closes it instead of keeping it. Returning a connection
-        this pool did not lend (or lent and got back already) raises PoolError.
+        ``close=True`` closes it instead of keeping it. ``loan`` is the number
+        ``conn.loan`` had when it was borrowed; without it (or ``key``) the
+        connection must be returned by the thread that borrowed it. Returning
+        a connection this pool did not lend, or did lend but to someone else
+        since (a stale return), raises PoolError and touches nothing.
         """
-        if getattr(conn, "pool_pid", self._pid) != self._pid:
+        if not isinstance(conn, PooledConnection):
+            raise PoolError(
+                f"{type(conn).__name__} object returned to {self.name} is not a connection "
+                "of this pool"
+            )
+        if conn.pool_pid != self._pid:
             # Inherited through fork(): the parent owns the session.
             detach_inherited(conn)
             return
-        conn_id = id(conn)
-        # Reset before taking the lock, so that a return takes it once: under
-        # the GIL, every acquisition is a chance that the holder is switched
-        # out inside it and the next borrower blocks (a thread switch each).
-        # Only while the connection is checked out from here (a dict read is
-        # atomic): a foreign or twice-returned one is refused below, untouched.
-        # The lock's check below is the one that counts.
-        outcome = None  # None: not reset; else the reset's result
-        reset_counts = False
-        if not (close or self.closed or conn.reclaimed) and self._used.get(conn_id) is conn:
-            if self._retired(conn, time.monotonic()):
-                outcome = CONNECTIONS_EXPIRED
-            else:
-                reset_counts = conn.session_dirty or self.reset == "always"
-                kept = reset_session(
-                    conn,
-                    always=self.reset == "always",
-                    guard=lambda: self._deadline(conn, self.timeout),
-                )
-                outcome = "kept" if kept else RETURNS_BAD
+        if conn.reclaimed:
+            return  # closed already: its borrower's thread had exited
+        token = self._check_loan(conn, key, loan)
+        try:
+            outcome = self._reset_for_return(conn, close)
+            self._finish_return(conn, token, key, outcome, close)
+        except BaseException:
+            # Interrupted (a signal handler's exception) or failed: the
+            # connection is in an unknown state, so it is closed, and its slot
+            # freed, before the exception goes on.
+            self._give_back(token, conn)
+            raise
+
+    def _check_loan(self, conn: PooledConnection, key: Hashable | None, loan: int | None) -> int:
+        """Return ``conn``'s loan number if the caller may return it; raise PoolError if not.
+
+        Lock-free: only the loan's holder can end the loan, so for a caller
+        that holds it nothing here can change until it returns.
+        """
+        token = conn.loan
+        if not token or self._used.get(token) is not conn:
+            raise PoolError(
+                f"connection returned to {self.name} is not checked out from it "
+                "(returned twice, or taken from another pool)"
+            )
+        if loan is not None:
+            owner = loan == token
+        elif key is not None:
+            owner = self._keys.get(key) is conn
+        else:
+            # The borrowing thread, or anyone once it has exited (its
+            # connection is an orphan: whoever holds it now may give it back),
+            # or a thread it shares the connection with (Django's
+            # inc_thread_sharing()).
+            borrower = conn.borrower
+            owner = (
+                borrower is threading.current_thread()
+                or borrower is None
+                or not borrower.is_alive()
+                or bool(conn.shared is not None and conn.shared())
+            )
+        if not owner:
+            raise PoolError(
+                f"connection returned to {self.name} is lent to someone else: a stale "
+                "return of an earlier loan (to return a connection from another thread "
+                "than the borrower's, pass putconn(conn, loan=<conn.loan when borrowed>))"
+            )
+        return token
+
+    def _reset_for_return(self, conn: PooledConnection, close: bool) -> str:
+        """Reset a returned connection's session (outside the lock); return the outcome.
+
+        KEPT or KEPT_RESET (a reset was needed): keep it; else the stats key
+        it is closed under, or CLOSE to close it without counting it as bad
+        (close=True, pool closed).
+        """
+        if close or self.closed:
+            return CLOSE
+        if self._retired(conn, time.monotonic()):
+            return CONNECTIONS_EXPIRED
+        always = self.reset == "always"
+        counted = conn.session_dirty or always
+        try:
+            kept = reset_session(
+                conn, always=always, guard=lambda: self._deadline(conn, self.timeout)
+            )
+        except Exception as exc:
+            # Not a database error (those make reset_session return False):
+            # a bug, or a borrower's change it can't handle. Never let it leak
+            # the slot or escape from Django's close(): discard and say so.
+            self._log(logging.WARNING, "reset at return failed, connection discarded: %r", exc)
+            kept = False
+        if not kept:
+            return RETURNS_BAD
+        return KEPT_RESET if counted else KEPT
+
+    def _finish_return(
+        self, conn: PooledConnection, token: int, key: Hashable | None, outcome: str, close: bool
+    ) -> None:
+        """Take the loan back under the lock: keep the connection, or close it."""
         returned_at = time.monotonic()
         with self._lock:
             if conn.reclaimed:
-                return  # closed already: its borrower's thread had exited
-            if self._used.get(conn_id) is not conn:
-                raise psycopg2.pool.PoolError(
+                return  # its borrower exited and maintenance took it back meanwhile
+            if self._used.get(token) is not conn:
+                raise PoolError(
                     f"connection returned to {self.name} is not checked out from it "
                     "(returned twice, or taken from another pool)"
                 )
-            del self._used[conn_id]
-            # No longer this thread's: a handed-over connection must not look
-            # orphaned if this thread exits before the waiter runs.
-            conn.borrower = None
             if self._keys:
                 if key is None:
                     key = next((k for k, c in self._keys.items() if c is conn), None)
                 if key is not None:
                     self._keys.pop(key, None)
             self._stats[USAGE_MS] += int((returned_at - conn.borrowed_at) * 1000)
-            closing = close or self.closed
-            if outcome == "kept" and not closing:
-                conn.returned_at = returned_at
-                if reset_counts:
+            if outcome in (KEPT, KEPT_RESET) and not self.closed:
+                if outcome is KEPT_RESET:
                     self._stats[RETURNS_RESET] += 1
+                conn.returned_at = returned_at
+                # No longer this thread's: a handed-over connection must not
+                # look orphaned if this thread exits before the waiter runs.
+                conn.borrower = None
+                del self._used[token]
+                conn.loan = 0
                 self._make_available(conn)
                 return
-            # Reserved for closing below: the slot stays counted until then.
-
-        # Not kept: expired, failed its reset, or (not reset above: it wasn't
-        # checked out from here a moment before) closed as a broken one.
-        reason = None if closing else outcome or RETURNS_BAD
-        _close_quietly(conn)
-        self._log(logging.DEBUG, "connection closed at return (%s)", _why(reason, closing))
-        with self._lock:
+            # Closed below; the slot stays reserved (under the loan's number) until then.
+            self._reserved[token] = CLOSING
+            del self._used[token]
+            conn.loan = 0
+            conn.borrower = None
+            reason = None if outcome in (CLOSE, KEPT, KEPT_RESET) else outcome
             if reason is not None:
                 self._stats[reason] += 1
             self._stats[CONNECTIONS_CLOSED] += 1
-            self._release_slot()
+        _close_quietly(conn)
+        self._log(
+            logging.DEBUG, "connection closed at return (%s)", _why(reason, close or self.closed)
+        )
+        self._release(token)
 
     def _make_available(self, conn: PooledConnection) -> None:
-        """Hand ``conn`` to the longest waiter, else keep it idle. Lock held."""
-        if self._waiters:
-            waiter = self._waiters.popleft()
-            self._used[id(conn)] = conn
-            # The waiter's from now on (for status and dead-borrower checks).
-            conn.borrower, conn.borrowed_at = waiter.thread, time.monotonic()
-            self._record_wait_locked(waiter, conn.borrowed_at)
-            waiter.conn = conn
-            waiter.wake()
-        else:
-            self._idle.append(conn)
+        """Hand ``conn`` (lent to no one) to the longest waiter, else keep it idle. Lock held.
 
-    def _release_slot(self) -> None:
-        """Forget a closed connection's slot, or pass it to the longest waiter. Lock held."""
-        self._nconns -= 1
-        if self._waiters and not self.closed and self._nconns < self.maxconn:
-            waiter = self._waiters.popleft()
-            self._record_wait_locked(waiter, time.monotonic())
+        The hand-off dequeues the waiter, lends under its number, then tells
+        it. Interrupted in between, the waiter holds a loan it finds when it
+        wakes, or one _give_back() takes back when it gives up, or nothing
+        (it times out; the connection, recorded nowhere, is closed by the
+        returning thread's _give_back()): never a stale loan, never a waiter
+        served twice.
+        """
+        if not self._waiters:
+            self._idle.append(conn)
+            return
+        waiter = self._waiters.popleft()
+        now = time.monotonic()
+        # The waiter's from now on (for status and dead-borrower checks).
+        conn.borrower, conn.borrowed_at = waiter.thread, now
+        conn.loan = waiter.token
+        self._used[waiter.token] = conn
+        self._stats.record_wait(now - waiter.since)
+        waiter.conn = conn
+        waiter.wake()
+
+    def _release(self, token: int) -> None:
+        """Free the slot reserved under ``token`` (if it still is), for the longest waiter."""
+        with self._lock:
+            if self._reserved.pop(token, None) is not None:
+                self._slot_freed_locked()
+
+    def _slot_freed_locked(self) -> None:
+        """Pass a freed slot to the longest waiter, or ask for a refill. Lock held."""
+        if self._waiters and not self.closed and self._size_locked() < self.maxconn:
+            waiter = self._waiters.popleft()  # then reserve: as in _make_available()
+            self._reserved[waiter.token] = OPENING
+            self._stats.record_wait(time.monotonic() - waiter.since)
             waiter.granted = True
-            self._nconns += 1
             waiter.wake()
-        elif self._nconns < self.minconn and not self.closed:
+        elif self._size_locked() < self.minconn and not self.closed and not self._dormant:
             maintenance.wake()
 
     # -- closing -------------------------------------------------------------
@@ -689,12 +912,32 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         Idle connections are closed now, borrowed ones when they are
         returned; the pool keeps serving with new connections meanwhile.
         """
-        with self._lock:
-            self._reconnected_at = time.monotonic()
-            idle = list(self._idle)
-            self._idle.clear()
-        self._close_and_release([(conn, CONNECTIONS_EXPIRED) for conn in idle])
-        maintenance.wake()  # refill minconn with new connections
+        reserved: list[tuple[PooledConnection, str | None, int]] = []
+        try:
+            with self._lock:
+                self._reconnected_at = time.monotonic()
+                self._take_idle_locked(list(self._idle), CONNECTIONS_EXPIRED, reserved)
+            maintenance.wake()  # refill minconn with new connections
+        finally:
+            self._close_reserved(reserved)
+
+    def _take_idle_locked(
+        self,
+        conns: list[PooledConnection],
+        reason: str | None,
+        reserved: list[tuple[PooledConnection, str | None, int]],
+    ) -> None:
+        """Move idle connections to slots reserved for closing them. Lock held.
+
+        Each is recorded in ``reserved`` before its reservation is made and
+        taken out of ``_idle`` after: ``_close_reserved(reserved)`` in a
+        ``finally`` then closes whatever an interruption left half moved.
+        """
+        for conn in conns:
+            token = next(self._tokens)
+            reserved.append((conn, reason, token))
+            self._reserved[token] = CLOSING
+            self._idle.remove(conn)
 
     def activity(self) -> dict[str, Any]:
         """Return the stats plus what is going on right now (for status snapshots)."""
@@ -704,7 +947,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             longest_wait = now - self._waiters[0].since if self._waiters else 0.0
             oldest = min(self._used.values(), key=lambda c: c.borrowed_at, default=None)
             retired = self._retired_in_use_locked()
-            wait_buckets = list(self._wait_counts)
+            wait_buckets = list(self._stats.wait_counts)
             oldest_checkout = (
                 {
                     "age_s": round(now - oldest.borrowed_at, 3),
@@ -731,131 +974,199 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
     def closeall(self) -> None:
         """Close idle connections now and the others as they are returned. Idempotent."""
-        with self._lock:
-            self.closed = True
-            idle = list(self._idle)
-            self._idle.clear()
-            self._nconns -= len(idle)
-            self._stats[CONNECTIONS_CLOSED] += len(idle)
-            now = time.monotonic()
-            for waiter in self._waiters:
-                self._record_wait_locked(waiter, now)
-                waiter.error = PoolClosed(f"connection pool {self.name} is closed")
-                waiter.wake()
-            self._waiters.clear()
-        for conn in idle:
-            _close_quietly(conn)
+        reserved: list[tuple[PooledConnection, str | None, int]] = []
+        try:
+            with self._lock:
+                self.closed = True
+                now = time.monotonic()
+                while self._waiters:
+                    waiter = self._waiters.popleft()
+                    waiter.error = PoolClosed(f"connection pool {self.name} is closed")
+                    self._stats.record_wait(now - waiter.since)
+                    waiter.wake()
+                self._take_idle_locked(list(self._idle), None, reserved)
+        finally:
+            self._close_reserved(reserved)
 
     # -- background maintenance (called by the maintenance thread) ------------
 
     def maintain(self) -> None:
-        """Close expired and surplus idle connections, refill to minconn."""
+        """Close expired and surplus idle connections, refill to minconn, cut off
+        overdue round trips, take back the connections of dead threads."""
         now = time.monotonic()
-        to_close: list[tuple[PooledConnection, str | None]] = []
-        with self._lock:
-            if self._pid != os.getpid():
-                return
-            closed = self.closed
-        if closed:
-            # Borrowed connections close at return; those of dead threads never
-            # will be returned.
-            self._close_and_release(self._reclaim_orphans())
-            return
-        with self._lock:
-            keep: deque[PooledConnection] = deque()
-            surplus = self._nconns - self.minconn
-            for conn in self._idle:  # oldest returned first
-                if self._retired(conn, now):
-                    to_close.append((conn, CONNECTIONS_EXPIRED))
-                    surplus -= 1
-                elif conn.closed or _has_pending_input(conn):
-                    to_close.append((conn, CONNECTIONS_LOST))
-                    surplus -= 1
-                elif surplus > 0 and now - conn.returned_at > self.max_idle:
-                    to_close.append((conn, None))
-                    surplus -= 1
-                else:
-                    keep.append(conn)
-            self._idle = keep
-            deficit = 0
-            if now >= self._refill_after and not self._refilling:
-                deficit = max(0, self.minconn - self._nconns + len(to_close))
-                deficit = min(deficit, self.maxconn - self._nconns)
-                self._nconns += deficit
-                self._refilling = deficit > 0
-            overdue = [c for c, due in self._deadlines.values() if due <= now]
-        for conn in overdue:
-            _cut_off(conn)
-            self._log(logging.WARNING, "a health check or reset overran its deadline; cut off")
-        if deficit:
-            # A thread of its own: a slow or unreachable server must not hold
-            # up the maintenance of every other pool.
-            threading.Thread(
-                target=self._refill, args=(deficit,), name="django_pgpool-refill", daemon=True
-            ).start()
-        to_close.extend(self._reclaim_orphans())
-        self._report_leaks(now)
-        self._close_and_release(to_close)
-
-    def _close_and_release(self, to_close: list[tuple[PooledConnection, str | None]]) -> None:
-        """Close connections taken out of the pool (no lock held) and free their slots."""
-        for conn, reason in to_close:
-            _close_quietly(conn)
-            self._log(logging.DEBUG, "connection closed (%s)", _why(reason, False))
-            with self._lock:
-                if reason is not None:
-                    self._stats[reason] += 1
-                self._stats[CONNECTIONS_CLOSED] += 1
-                self._release_slot()
-
-    def _refill(self, reserved: int) -> None:
-        """Open connections in ``reserved`` slots; stop at the first failure."""
+        reserved: list[tuple[PooledConnection, str | None, int]] = []
+        refill: list[int] = []
+        cut: list[int] = []
         try:
-            for opened in range(reserved):
+            with self._lock:
+                if self._pid != os.getpid() or self._dormant:
+                    return
+                if not self.closed:
+                    self._trim_idle_locked(now, reserved)
+                    self._reserve_refill_locked(now, len(reserved), refill)
+                cut = self._claim_overdue_locked(now)
+            while cut:
+                _shut_down(cut.pop())
+                self._log(logging.WARNING, "a health check or reset overran its deadline; cut off")
+            if refill:
+                self._start_refill(refill)
+            # Borrowed connections close at return, even in a closed pool; those
+            # of dead threads never will be returned.
+            reserved.extend(self._reclaim_orphans())
+            self._report_leaks(now)
+        finally:
+            for fd in cut:  # interrupted before they were shut down
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            for token in refill:
+                self._release(token)
+            self._close_reserved(reserved)
+
+    def _trim_idle_locked(
+        self, now: float, reserved: list[tuple[PooledConnection, str | None, int]]
+    ) -> None:
+        """Take out expired, dead and surplus idle connections, to be closed. Lock held."""
+        surplus = self._size_locked() - self.minconn
+        going: list[tuple[PooledConnection, str | None]] = []
+        for conn in self._idle:  # oldest returned first
+            if self._retired(conn, now):
+                going.append((conn, CONNECTIONS_EXPIRED))
+            elif conn.closed or _has_pending_input(conn):
+                going.append((conn, CONNECTIONS_LOST))
+            elif surplus > len(going) and now - conn.returned_at > self.max_idle:
+                going.append((conn, None))
+        for conn, reason in going:
+            self._take_idle_locked([conn], reason, reserved)
+
+    def _reserve_refill_locked(self, now: float, closing: int, refill: list[int]) -> None:
+        """Reserve the slots a refill to minconn needs, numbers into ``refill``. Lock held.
+
+        ``closing`` connections are about to go: they are replaced now, as far
+        as maxconn allows, not a round later.
+        """
+        if now < self._refill_after or self._refilling:
+            return
+        size = self._size_locked()
+        deficit = min(self.minconn - (size - closing), self.maxconn - size)
+        for _ in range(max(0, deficit)):
+            token = next(self._tokens)
+            refill.append(token)
+            self._reserved[token] = OPENING
+
+    def _claim_overdue_locked(self, now: float) -> list[int]:
+        """Mark overdue round trips as cut and return dups of their sockets. Lock held.
+
+        The sockets are shut down after the lock is released, but the round
+        trips are marked now: their owners, ending them under the lock, then
+        know the connection was cut even if their query had just succeeded.
+        A dup (no I/O, never blocks) keeps the socket ours to shut down even
+        if its owner closes the connection meanwhile.
+        """
+        fds: list[int] = []
+        for key, trip in list(self._deadlines.items()):
+            if trip.due > now or trip.cut:
+                continue
+            trip.cut = True
+            try:
+                fds.append(os.dup(trip.conn.fileno()))
+            except (OSError, psycopg2.Error):
+                del self._deadlines[key]  # closed already: nothing left to cut
+        return fds
+
+    def _start_refill(self, refill: list[int]) -> None:
+        """Open connections in the reserved slots in a thread of its own: a slow or
+        unreachable server must not hold up the maintenance of every other pool."""
+        tokens = list(refill)
+        with self._lock:
+            self._refilling = True
+        thread = threading.Thread(
+            target=self._refill, args=(tokens,), name="django_pgpool-refill", daemon=True
+        )
+        try:
+            thread.start()
+        except Exception as exc:
+            with self._lock:
+                self._refilling = False
+                self._refill_backoff_locked()
+            self._log(logging.WARNING, "couldn't start a refill thread: %s", exc)
+            return  # the caller's finally frees the reserved slots
+        refill.clear()  # the thread's now
+
+    def _refill_backoff_locked(self) -> None:
+        # Back off exponentially: a server that refuses us (wrong password,
+        # dropped database) must not be hammered.
+        self._refill_failures += 1
+        backoff = min(REFILL_BACKOFF * 2 ** (self._refill_failures - 1), 60.0)
+        self._refill_after = time.monotonic() + backoff
+
+    def _refill(self, tokens: list[int]) -> None:
+        """Open connections in the slots reserved under ``tokens``; stop at the first failure."""
+        try:
+            while tokens:
                 try:
                     conn = self._connect()
                 except Exception as exc:
                     with self._lock:
-                        # Back off exponentially: a server that refuses us (wrong
-                        # password, dropped database) must not be hammered.
-                        self._refill_failures += 1
-                        backoff = min(REFILL_BACKOFF * 2 ** (self._refill_failures - 1), 60.0)
-                        self._refill_after = time.monotonic() + backoff
-                        for _ in range(reserved - opened):
-                            self._release_slot()
+                        self._refill_backoff_locked()
                     self._log(logging.WARNING, "couldn't open a connection: %s", exc)
                     return
                 with self._lock:
                     self._refill_failures = 0
-                    if not self.closed:
+                    token = tokens.pop()
+                    ours = self._reserved.pop(token, None) is not None
+                    if ours and not self.closed:
                         self._make_available(conn)
                         continue
+                    if ours:
+                        self._slot_freed_locked()
                     self._stats[CONNECTIONS_CLOSED] += 1
-                    self._release_slot()
                 _close_quietly(conn)
         finally:
             with self._lock:
                 self._refilling = False
+            for token in tokens:
+                self._release(token)
 
-    def _reclaim_orphans(self) -> list[tuple[PooledConnection, str | None]]:
+    def _close_reserved(self, reserved: list[tuple[PooledConnection, str | None, int]]) -> None:
+        """Close connections moved to reserved slots (no lock held), then free the slots.
+
+        Every slot is freed, even if closing one is interrupted.
+        """
+        try:
+            for conn, reason, _ in reserved:
+                _close_quietly(conn)
+                self._log(logging.DEBUG, "connection closed (%s)", _why(reason, self.closed))
+                with self._lock:
+                    if reason is not None:
+                        self._stats[reason] += 1
+                    self._stats[CONNECTIONS_CLOSED] += 1
+        finally:
+            for _, _, token in reserved:
+                self._release(token)
+
+    def _reclaim_orphans(self) -> list[tuple[PooledConnection, str | None, int]]:
         """Take back the connections of borrower threads that have exited.
 
         Their session state is unknown, so they are closed, never reused; the
-        caller closes them and releases their slots.
+        caller closes them and frees their slots (``_close_reserved()``).
         """
+        reclaimed: list[tuple[PooledConnection, str | None, int]] = []
         with self._lock:
-            orphans = [c for c in self._used.values() if _orphaned(c)]
-            for conn in orphans:
-                del self._used[id(conn)]
+            for token, conn in list(self._used.items()):
+                if not _orphaned(conn):
+                    continue
+                reclaimed.append((conn, CONNECTIONS_RECLAIMED, token))
+                self._reserved[token] = CLOSING  # the slot stays taken until it is closed
+                del self._used[token]
                 conn.reclaimed = True
-        for conn in orphans:
+        for conn, _, _ in reclaimed:
             self._log(
                 logging.WARNING,
                 "thread %r exited without returning its connection; closing it and "
                 "freeing its slot",
                 conn.borrower.name if conn.borrower else "?",
             )
-        return [(conn, CONNECTIONS_RECLAIMED) for conn in orphans]
+        return reclaimed
 
     def _report_leaks(self, now: float) -> None:
         """Warn once per borrow about connections held longer than leak_timeout."""
@@ -887,21 +1198,20 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
         Runs in the child right after fork(), when no other thread exists: the
         parent's lock may have been held at fork time, so it is not taken.
+        The pool stays usable, but dormant: it opens nothing until the child
+        borrows from it.
         """
         for conn in self._idle:
             detach_inherited(conn)
         for conn in self._used.values():
-            # Another parent thread may have been inside a query on it at fork
-            # time: psycopg2's per-connection mutex is then copied locked, and
-            # close() (or freeing it) would block forever. Point its socket at
-            # /dev/null and keep the object alive for the life of this process.
+            # Another parent thread may have been inside a query on it.
             detach_inherited(conn, close=False)
-            INHERITED_BUSY.append(conn)
         closed = self.closed
         self._init_state()
         self.closed = closed
+        self._dormant = True
 
-    # -- statistics ----------------------------------------------------------
+    # -- statistics and invariants ------------------------------------------
 
     def get_stats(self) -> dict[str, int]:
         """Return the pool's gauges and counters (psycopg_pool's key names)."""
@@ -909,7 +1219,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             return self._stats_locked()
 
     def pop_stats(self) -> dict[str, int]:
-        """Return the statistics and reset the counters."""
+        """Return the statistics and reset the counters and the wait histogram."""
         with self._lock:
             stats = self._stats_locked()
             self._stats.clear()
@@ -919,42 +1229,55 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         gauges = (
             self.minconn,
             self.maxconn,
-            self._nconns,
+            self._size_locked(),
             len(self._idle),
             len(self._used),
             len(self._waiters),
         )
-        return {
-            **dict(zip(GAUGE_KEYS, gauges, strict=True)),
-            **{key: self._stats[key] for key in COUNTER_KEYS},
-        }
+        return {**dict(zip(GAUGE_KEYS, gauges, strict=True)), **self._stats.counters()}
+
+    def check_invariants(self, quiescent: bool = False) -> None:
+        """Raise InvariantError unless the bookkeeping is consistent (module docstring).
+
+        ``quiescent``: nothing is in progress (no borrow, return or
+        maintenance round under way), so the stronger invariant 5 holds too.
+        """
+        with self._lock:
+            problems = self._invariant_problems_locked(quiescent)
+        if problems:
+            raise InvariantError(f"{self.name}: " + "; ".join(problems))
+
+    def _invariant_problems_locked(self, quiescent: bool) -> list[str]:
+        problems = []
+        size = self._size_locked()
+        if size > self.maxconn:
+            problems.append(f"{size} slots taken, maxconn {self.maxconn}")
+        idle_ids = [id(c) for c in self._idle]
+        used_ids = [id(c) for c in self._used.values()]
+        if len(set(idle_ids)) != len(idle_ids):
+            problems.append("a connection is idle twice")
+        if len(set(used_ids)) != len(used_ids):
+            problems.append("a connection is lent twice")
+        if set(idle_ids) & set(used_ids):
+            problems.append("a connection is both idle and lent")
+        if any(conn.loan != token for token, conn in self._used.items()):
+            problems.append("a lent connection doesn't carry its loan number")
+        if any(conn.loan for conn in self._idle):
+            problems.append("an idle connection carries a loan number")
+        if self._used.keys() & self._reserved.keys():
+            problems.append("a number is both a loan and a reservation")
+        for waiter in self._waiters:
+            if waiter.served or waiter.token in self._used or waiter.token in self._reserved:
+                problems.append("a queued waiter holds something already")
+        if quiescent:
+            if self._reserved:
+                problems.append(f"{len(self._reserved)} slot(s) reserved with nothing in progress")
+            if self._waiters and (self._idle or size < self.maxconn):
+                problems.append("a borrower waits while a connection or a slot is free")
+        return problems
 
     def __repr__(self) -> str:
         return (
             f"<{type(self).__name__} {self.name} minconn={self.minconn} maxconn={self.maxconn}"
             f"{' closed' if self.closed else ''}>"
         )
-
-
-# Connections checked out in the parent when it forked (see after_fork_in_child).
-INHERITED_BUSY: list[Any] = []
-
-
-def detach_inherited(conn: Any, close: bool = True) -> None:
-    """Make a connection inherited through fork() harmless to the parent's session.
-
-    Pointing its socket at /dev/null means that closing it here (or its
-    garbage collection) sends nothing to the server, and nothing it sends
-    can be read here.
-    """
-    try:
-        fd = conn.fileno()
-    except Exception:
-        return
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-    if close:
-        _close_quietly(conn)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import forking
 from .options import PoolOptions
 from .pool import ConnectionPool
 from .session import PooledConnection
@@ -146,4 +147,4 @@ def _after_fork_in_child() -> None:
     _pools.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forking.register("registry", after_in_child=_after_fork_in_child)

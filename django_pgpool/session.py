@@ -154,6 +154,9 @@ class PooledConnection(ext.connection):
     # inc_thread_sharing()): then its thread exiting doesn't orphan it.
     shared: Callable[[], bool] | None
     reclaimed: bool
+    # The number of the loan it is lent under (0 while not lent): written by
+    # the pool under its lock (see pool.py, "Slots, loans and reservations").
+    loan: int
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
@@ -167,6 +170,7 @@ class PooledConnection(ext.connection):
         self.leak_reported = False
         self.shared = None
         self.reclaimed = False
+        self.loan = 0
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         # Track through a subclass of the class the cursor would have had; the

@@ -56,7 +56,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from . import maintenance, registry
+from . import forking, maintenance, registry
 from .identity import HOSTNAME
 
 __all__ = [
@@ -386,4 +386,4 @@ def _after_fork_in_child() -> None:
     _health = _Health()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forking.register("status", after_in_child=_after_fork_in_child)
