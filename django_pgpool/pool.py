@@ -805,16 +805,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             return CONNECTIONS_EXPIRED
         always = self.reset == "always"
         counted = conn.session_dirty or always
-        try:
-            kept = reset_session(
-                conn, always=always, guard=lambda: self._deadline(conn, self.timeout)
-            )
-        except Exception as exc:
-            # Not a database error (those make reset_session return False):
-            # a bug, or a borrower's change it can't handle. Never let it leak
-            # the slot or escape from Django's close(): discard and say so.
-            self._log(logging.WARNING, "reset at return failed, connection discarded: %r", exc)
-            kept = False
+        # Anything reset_session() raises (it returns False for database
+        # errors) goes on to the caller: it may be a signal handler's
+        # exception, which must not be swallowed. putconn() closes the
+        # connection and frees its slot first.
+        kept = reset_session(conn, always=always, guard=lambda: self._deadline(conn, self.timeout))
         if not kept:
             return RETURNS_BAD
         return KEPT_RESET if counted else KEPT

@@ -9,6 +9,11 @@ import pytest
 from django_pgpool.pool import ConnectionPool
 from tests.pgserver import ServerInfo
 from tests.settings import SERVER
+from tests.tcpproxy import TcpProxy
+
+MakePool = Callable[..., ConnectionPool]
+
+CONNECT_TIMEOUT = 2  # libpq's connect_timeout, in seconds (its smallest useful value)
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +42,37 @@ def make_pool(server: ServerInfo) -> Iterator[Callable[..., ConnectionPool]]:
         return pool
 
     yield make
+    for pool in pools:
+        pool.closeall()
+
+
+@pytest.fixture
+def proxy(server: ServerInfo) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the server, to count queries and to stall or drop the link."""
+    proxy = TcpProxy(server.host, server.port)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def make_proxied_pool(server: ServerInfo, proxy: TcpProxy) -> Iterator[MakePool]:
+    """Build ConnectionPools that reach the server through ``proxy``; closed after the test."""
+    pools: list[ConnectionPool] = []
+
+    def make(minconn: int, maxconn: int, **options: Any) -> ConnectionPool:
+        kwargs = {
+            **server.connect_kwargs(),
+            "host": "127.0.0.1",
+            "port": proxy.port,
+            "connect_timeout": CONNECT_TIMEOUT,
+            **options,
+        }
+        pool = ConnectionPool(minconn, maxconn, **kwargs)
+        pools.append(pool)
+        return pool
+
+    yield make
+    proxy.resume()  # closing must not wait on a stalled link
     for pool in pools:
         pool.closeall()
 

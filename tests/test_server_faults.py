@@ -26,7 +26,7 @@ from django.db import connection, connections
 from django_pgpool import base, maintenance, registry
 from django_pgpool.errors import PoolTimeout
 from django_pgpool.pool import REFILL_BACKOFF, ConnectionPool
-from tests.conftest import backend_pid
+from tests.conftest import CONNECT_TIMEOUT, backend_pid
 from tests.helpers import make_wrapper, scalar, wait_for
 from tests.pgserver import ServerInfo, ThrowawayServer
 from tests.tcpproxy import TcpProxy
@@ -35,8 +35,6 @@ from tests.testapp.models import Item
 pytestmark = pytest.mark.slow  # they stop, restart and stall the server
 
 MakePool = Callable[..., ConnectionPool]
-
-CONNECT_TIMEOUT = 2  # libpq's connect_timeout, in seconds (its smallest useful value)
 
 
 # -- helpers -------------------------------------------------------------------
@@ -173,36 +171,6 @@ def pg(server: ServerInfo) -> Iterator[ThrowawayServer]:
     finally:
         control.start()  # does nothing if it is running; pg_ctl -w: accepting when it returns
         connect_admin(server).close()
-
-
-@pytest.fixture
-def proxy(server: ServerInfo) -> Iterator[TcpProxy]:
-    proxy = TcpProxy(server.host, server.port)
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture
-def make_proxied_pool(server: ServerInfo, proxy: TcpProxy) -> Iterator[MakePool]:
-    """Build ConnectionPools that reach the server through ``proxy``; closed after the test."""
-    pools: list[ConnectionPool] = []
-
-    def make(minconn: int, maxconn: int, **options: Any) -> ConnectionPool:
-        kwargs = {
-            **server.connect_kwargs(),
-            "host": "127.0.0.1",
-            "port": proxy.port,
-            "connect_timeout": CONNECT_TIMEOUT,
-            **options,
-        }
-        pool = ConnectionPool(minconn, maxconn, **kwargs)
-        pools.append(pool)
-        return pool
-
-    yield make
-    proxy.resume()  # closing must not wait on a stalled link
-    for pool in pools:
-        pool.closeall()
 
 
 def django_request(using: str = "default") -> int:
