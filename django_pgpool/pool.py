@@ -38,7 +38,7 @@ Lock discipline
 Each pool has one ``threading.Lock``, ``_lock``. It guards every mutable
 attribute of the pool: ``_idle``, ``_used``, ``_reserved``, ``_keys``,
 ``_waiters``, ``_stats``, ``closed``, ``_dormant``, ``_refill_after``,
-``_refilling``, ``_refill_failures``, ``_deadlines`` and ``_reconnected_at``
+``_refill_failures``, ``_deadlines`` and ``_reconnected_at``
 (a float also read without it: a stale read only delays a retirement). It is
 held only for bookkeeping: never during a connect, a query, a reset or a
 close (network I/O), so a slow server never blocks the threads that could be
@@ -125,9 +125,12 @@ LIFETIME_JITTER = 0.05
 # must not be hammered hundreds of times a second until the timeout.
 FRESH_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
 
-# What a reserved slot is for (the values of _reserved).
+# What a reserved slot is for (_Reservation.purpose).
 OPENING = "opening"
 CLOSING = "closing"
+# A reservation left behind this long (its owner thread gone, or a close
+# that never finished) is taken back by maintenance (see _Reservation).
+ABANDONED_AFTER = 5.0
 
 # What a return does with the connection, besides the stats keys it may be
 # closed under (constants: the return path allocates nothing).
@@ -247,6 +250,27 @@ class _RoundTrip:
         self.cut = False
 
 
+class _Reservation:
+    """A slot held while a connection is opened or closed in it, outside the lock.
+
+    Its owner frees it when done. If an exception stops the owner from doing
+    so (a second one, inside the cleanup of a first, or a thread that dies),
+    maintenance takes it back once it is ABANDONED_AFTER old: a close is
+    finished (closing twice is harmless), an opening whose owner thread is
+    no longer alive is given up. ``conn`` is the connection being closed.
+    """
+
+    __slots__ = ("conn", "owner", "purpose", "since")
+
+    def __init__(
+        self, purpose: str, owner: threading.Thread, conn: PooledConnection | None = None
+    ) -> None:
+        self.purpose = purpose
+        self.owner = owner
+        self.conn = conn
+        self.since = time.monotonic()
+
+
 def _has_pending_input(conn: PooledConnection) -> bool:
     """Return True if an idle connection's socket is readable: the server spoke
     (an idle session only hears from it on a fatal error) or closed it."""
@@ -333,6 +357,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self.check_after = check_after
         self.reset = reset
         self.leak_timeout = leak_timeout
+        self.abandoned_after = ABANDONED_AFTER
         self._configure = configure
 
         factory = kwargs.get("connection_factory") or PooledConnection
@@ -355,14 +380,13 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self._dormant = False
         self._idle: deque[PooledConnection] = deque()
         self._used: dict[int, PooledConnection] = {}  # loan number -> connection lent
-        self._reserved: dict[int, str] = {}  # number -> OPENING or CLOSING
+        self._reserved: dict[int, _Reservation] = {}
         self._keys: dict[Hashable, PooledConnection] = {}  # psycopg2's getconn(key) API
         self._waiters: deque[_Waiter] = deque()
         self._stats = PoolStats()
         # Loan and reservation numbers; next() on a count is atomic under the GIL.
         self._tokens = itertools.count(1)
         self._refill_after = 0.0
-        self._refilling = False  # a refill thread is running
         self._refill_failures = 0  # in a row: sets the backoff
         # Round trips under way outside the lock (health checks, resets), by
         # id(conn). Maintenance cuts off the overdue ones.
@@ -464,7 +488,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     self._used[token] = conn
                     return conn
                 if self._size_locked() < self.maxconn:
-                    self._reserved[token] = OPENING
+                    self._reserved[token] = _Reservation(OPENING, threading.current_thread())
                     return None
             if self.max_waiting and len(self._waiters) >= self.max_waiting:
                 self._stats[REQUESTS_ERRORS] += 1
@@ -537,7 +561,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     break
             victim = self._used.pop(token, None)
             if victim is not None:
-                self._reserved[token] = CLOSING  # keep the slot until it is closed
+                # Keep the slot until it is closed.
+                self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), victim)
             elif conn is not None and not self._placed_locked(conn):
                 victim = conn  # dropped half-way: its slot is free already
             if victim is None and token not in self._reserved:
@@ -657,7 +682,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         with self._lock:
             # Reserved first, then the loan dropped: both at once for an
             # instant is what _give_back() sorts out if interrupted.
-            self._reserved[token] = OPENING
+            self._reserved[token] = _Reservation(OPENING, threading.current_thread())
             del self._used[token]
             conn.loan = 0
             self._stats[problem] += 1
@@ -845,7 +870,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 self._make_available(conn)
                 return
             # Closed below; the slot stays reserved (under the loan's number) until then.
-            self._reserved[token] = CLOSING
+            self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
             del self._used[token]
             conn.loan = 0
             conn.borrower = None
@@ -892,7 +917,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         """Pass a freed slot to the longest waiter, or ask for a refill. Lock held."""
         if self._waiters and not self.closed and self._size_locked() < self.maxconn:
             waiter = self._waiters.popleft()  # then reserve: as in _make_available()
-            self._reserved[waiter.token] = OPENING
+            self._reserved[waiter.token] = _Reservation(OPENING, waiter.thread)
             self._stats.record_wait(time.monotonic() - waiter.since)
             waiter.granted = True
             waiter.wake()
@@ -931,7 +956,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         for conn in conns:
             token = next(self._tokens)
             reserved.append((conn, reason, token))
-            self._reserved[token] = CLOSING
+            self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
             self._idle.remove(conn)
 
     def activity(self) -> dict[str, Any]:
@@ -990,21 +1015,22 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         overdue round trips, take back the connections of dead threads."""
         now = time.monotonic()
         reserved: list[tuple[PooledConnection, str | None, int]] = []
-        refill: list[int] = []
+        refill: tuple[threading.Thread, list[int]] | None = None
         cut: list[int] = []
         try:
             with self._lock:
                 if self._pid != os.getpid() or self._dormant:
                     return
+                self._recover_abandoned_locked(now, reserved)
                 if not self.closed:
                     self._trim_idle_locked(now, reserved)
-                    self._reserve_refill_locked(now, len(reserved), refill)
+                    refill = self._reserve_refill_locked(now, len(reserved))
                 cut = self._claim_overdue_locked(now)
             while cut:
                 _shut_down(cut.pop())
                 self._log(logging.WARNING, "a health check or reset overran its deadline; cut off")
-            if refill:
-                self._start_refill(refill)
+            if refill is not None:
+                self._start_refill(*refill)
             # Borrowed connections close at return, even in a closed pool; those
             # of dead threads never will be returned.
             reserved.extend(self._reclaim_orphans())
@@ -1013,9 +1039,28 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             for fd in cut:  # interrupted before they were shut down
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            for token in refill:
-                self._release(token)
             self._close_reserved(reserved)
+
+    def _recover_abandoned_locked(
+        self, now: float, reserved: list[tuple[PooledConnection, str | None, int]]
+    ) -> None:
+        """Take back the reservations whose owners will never free them. Lock held.
+
+        Closes left unfinished go to ``reserved`` (finished by the caller);
+        openings whose owner thread is gone are freed now.
+        """
+        for token, reservation in list(self._reserved.items()):
+            if now - reservation.since < self.abandoned_after:
+                continue
+            if reservation.purpose == CLOSING and reservation.conn is not None:
+                reservation.since = now  # ours now: not taken again by the next round
+                reserved.append((reservation.conn, None, token))
+            elif reservation.purpose == OPENING and not reservation.owner.is_alive():
+                del self._reserved[token]
+                self._slot_freed_locked()
+            else:
+                continue
+            self._log(logging.WARNING, "took back a slot abandoned while %s", reservation.purpose)
 
     def _trim_idle_locked(
         self, now: float, reserved: list[tuple[PooledConnection, str | None, int]]
@@ -1033,20 +1078,34 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         for conn, reason in going:
             self._take_idle_locked([conn], reason, reserved)
 
-    def _reserve_refill_locked(self, now: float, closing: int, refill: list[int]) -> None:
-        """Reserve the slots a refill to minconn needs, numbers into ``refill``. Lock held.
+    def _reserve_refill_locked(
+        self, now: float, closing: int
+    ) -> tuple[threading.Thread, list[int]] | None:
+        """Reserve the slots a refill to minconn needs; return the thread (not started)
+        that will open connections in them and their numbers, or None. Lock held.
 
         ``closing`` connections are about to go: they are replaced now, as far
-        as maxconn allows, not a round later.
+        as maxconn allows, not a round later. Slots being opened already (a
+        refill under way) count as taken, so two rounds never refill twice.
         """
-        if now < self._refill_after or self._refilling:
-            return
+        if now < self._refill_after:
+            return None
         size = self._size_locked()
         deficit = min(self.minconn - (size - closing), self.maxconn - size)
-        for _ in range(max(0, deficit)):
+        if deficit <= 0:
+            return None
+        tokens: list[int] = []
+        # A thread of its own: a slow or unreachable server must not hold up
+        # the maintenance of every other pool. It owns the reservations: if it
+        # never starts, or dies, maintenance takes them back.
+        thread = threading.Thread(
+            target=self._refill, args=(tokens,), name="django_pgpool-refill", daemon=True
+        )
+        for _ in range(deficit):
             token = next(self._tokens)
-            refill.append(token)
-            self._reserved[token] = OPENING
+            tokens.append(token)
+            self._reserved[token] = _Reservation(OPENING, thread)
+        return thread, tokens
 
     def _claim_overdue_locked(self, now: float) -> list[int]:
         """Mark overdue round trips as cut and return dups of their sockets. Lock held.
@@ -1068,24 +1127,16 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 del self._deadlines[key]  # closed already: nothing left to cut
         return fds
 
-    def _start_refill(self, refill: list[int]) -> None:
-        """Open connections in the reserved slots in a thread of its own: a slow or
-        unreachable server must not hold up the maintenance of every other pool."""
-        tokens = list(refill)
-        with self._lock:
-            self._refilling = True
-        thread = threading.Thread(
-            target=self._refill, args=(tokens,), name="django_pgpool-refill", daemon=True
-        )
+    def _start_refill(self, thread: threading.Thread, tokens: list[int]) -> None:
+        """Start a refill thread; if it can't be started, free its slots and back off."""
         try:
             thread.start()
         except Exception as exc:
             with self._lock:
-                self._refilling = False
                 self._refill_backoff_locked()
             self._log(logging.WARNING, "couldn't start a refill thread: %s", exc)
-            return  # the caller's finally frees the reserved slots
-        refill.clear()  # the thread's now
+            for token in tokens:
+                self._release(token)
 
     def _refill_backoff_locked(self) -> None:
         # Back off exponentially: a server that refuses us (wrong password,
@@ -1117,8 +1168,6 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     self._stats[CONNECTIONS_CLOSED] += 1
                 _close_quietly(conn)
         finally:
-            with self._lock:
-                self._refilling = False
             for token in tokens:
                 self._release(token)
 
@@ -1151,7 +1200,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 if not _orphaned(conn):
                     continue
                 reclaimed.append((conn, CONNECTIONS_RECLAIMED, token))
-                self._reserved[token] = CLOSING  # the slot stays taken until it is closed
+                # The slot stays taken until it is closed.
+                self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
                 del self._used[token]
                 conn.reclaimed = True
         for conn, _, _ in reclaimed:
