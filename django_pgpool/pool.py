@@ -30,8 +30,8 @@ Invariants (checked by ``check_invariants()``, after every step in the tests):
 3. every lent connection carries its loan number (``conn.loan``), every idle
    one none (0); no number is both a loan and a reservation;
 4. every queued waiter is unserved and its number holds nothing else;
-5. when nothing is in progress: no reservation is left, and nobody waits
-   while a connection is idle or a slot is free.
+5. when nothing is in progress: no reservation and no round trip is left,
+   and nobody waits while a connection is idle or a slot is free.
 
 Lock discipline
 ---------------
@@ -64,6 +64,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -137,6 +138,18 @@ ABANDONED_AFTER = 5.0
 KEPT = "kept"
 KEPT_RESET = "kept after a reset"
 CLOSE = "close"
+
+
+def _refs_of_a_dict_value() -> int:
+    """Return what sys.getrefcount() says of an object only a dict refers to,
+    read through a local as _unreferenced_locked() does (measured, not assumed:
+    interpreters count the call's own references differently)."""
+    holder = {0: object()}
+    value = holder[0]
+    return sys.getrefcount(value) - 1  # less the local
+
+
+_REFS_OF_A_DICT_VALUE = _refs_of_a_dict_value()
 
 
 class InvariantError(AssertionError):
@@ -758,6 +771,12 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         connection must be returned by the thread that borrowed it. Returning
         a connection this pool did not lend, or did lend but to someone else
         since (a stale return), raises PoolError and touches nothing.
+
+        If an exception interrupts it (a signal handler's), the connection is
+        closed and its slot freed before the exception goes on, unless it came
+        before putconn() did anything: then the connection is still lent, and
+        the next maintenance round takes it back once nobody holds it (see
+        ``_reclaim_orphans()``).
         """
         if not isinstance(conn, PooledConnection):
             raise PoolError(
@@ -770,52 +789,62 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             return
         if conn.reclaimed:
             return  # closed already: its borrower's thread had exited
-        token = self._check_loan(conn, key, loan)
+        token = conn.loan
+        checked = False
         try:
+            self._check_loan(conn, token, key, loan)
+            checked = True
             outcome = self._reset_for_return(conn, close)
             self._finish_return(conn, token, key, outcome, close)
         except BaseException:
             # Interrupted (a signal handler's exception) or failed: the
             # connection is in an unknown state, so it is closed, and its slot
-            # freed, before the exception goes on.
-            self._give_back(token, conn)
+            # freed, before the exception goes on; unless it isn't the
+            # caller's to return (a stale return: the check's PoolError).
+            if checked or self._owns(conn, token, key, loan):
+                self._give_back(token, conn)
             raise
 
-    def _check_loan(self, conn: PooledConnection, key: Hashable | None, loan: int | None) -> int:
-        """Return ``conn``'s loan number if the caller may return it; raise PoolError if not.
-
-        Lock-free: only the loan's holder can end the loan, so for a caller
-        that holds it nothing here can change until it returns.
-        """
-        token = conn.loan
+    def _check_loan(
+        self, conn: PooledConnection, token: int, key: Hashable | None, loan: int | None
+    ) -> None:
+        """Raise PoolError unless the caller may return ``conn``, lent under ``token``."""
         if not token or self._used.get(token) is not conn:
             raise PoolError(
                 f"connection returned to {self.name} is not checked out from it "
                 "(returned twice, or taken from another pool)"
             )
-        if loan is not None:
-            owner = loan == token
-        elif key is not None:
-            owner = self._keys.get(key) is conn
-        else:
-            # The borrowing thread, or anyone once it has exited (its
-            # connection is an orphan: whoever holds it now may give it back),
-            # or a thread it shares the connection with (Django's
-            # inc_thread_sharing()).
-            borrower = conn.borrower
-            owner = (
-                borrower is threading.current_thread()
-                or borrower is None
-                or not borrower.is_alive()
-                or bool(conn.shared is not None and conn.shared())
-            )
-        if not owner:
+        if not self._owns(conn, token, key, loan):
             raise PoolError(
                 f"connection returned to {self.name} is lent to someone else: a stale "
                 "return of an earlier loan (to return a connection from another thread "
                 "than the borrower's, pass putconn(conn, loan=<conn.loan when borrowed>))"
             )
-        return token
+
+    def _owns(
+        self, conn: PooledConnection, token: int, key: Hashable | None, loan: int | None
+    ) -> bool:
+        """Return True if the caller holds the loan ``token`` of ``conn``.
+
+        Lock-free: only the loan's holder can end the loan, so for a caller
+        that holds it nothing here can change until it returns.
+        """
+        if not token or self._used.get(token) is not conn:
+            return False
+        if loan is not None:
+            return loan == token
+        if key is not None:
+            return self._keys.get(key) is conn
+        # The borrowing thread, or anyone once it has exited (its connection
+        # is an orphan: whoever holds it now may give it back), or a thread
+        # it shares the connection with (Django's inc_thread_sharing()).
+        borrower = conn.borrower
+        return (
+            borrower is threading.current_thread()
+            or borrower is None
+            or not borrower.is_alive()
+            or bool(conn.shared is not None and conn.shared())
+        )
 
     def _reset_for_return(self, conn: PooledConnection, close: bool) -> str:
         """Reset a returned connection's session (outside the lock); return the outcome.
@@ -1189,29 +1218,53 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 self._release(token)
 
     def _reclaim_orphans(self) -> list[tuple[PooledConnection, str | None, int]]:
-        """Take back the connections of borrower threads that have exited.
+        """Take back lent connections that nobody can return any more.
 
-        Their session state is unknown, so they are closed, never reused; the
-        caller closes them and frees their slots (``_close_reserved()``).
+        Those of borrower threads that have exited, and those nobody holds
+        (only the pool refers to them: a borrower dropped one without
+        returning it, or was interrupted before its return did anything, so
+        no code can ever return it). Their session state is unknown, so they
+        are closed, never reused; the caller closes them and frees their
+        slots (``_close_reserved()``).
         """
         reclaimed: list[tuple[PooledConnection, str | None, int]] = []
         with self._lock:
-            for token, conn in list(self._used.items()):
-                if not _orphaned(conn):
+            for token in list(self._used):
+                if not (self._unreferenced_locked(token) or _orphaned(self._used[token])):
                     continue
+                conn = self._used[token]
                 reclaimed.append((conn, CONNECTIONS_RECLAIMED, token))
                 # The slot stays taken until it is closed.
                 self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
                 del self._used[token]
                 conn.reclaimed = True
         for conn, _, _ in reclaimed:
+            borrower = conn.borrower
             self._log(
                 logging.WARNING,
-                "thread %r exited without returning its connection; closing it and "
-                "freeing its slot",
-                conn.borrower.name if conn.borrower else "?",
+                "%s without returning its connection; closing it and freeing its slot",
+                f"thread {borrower.name!r} exited"
+                if borrower is not None and not borrower.is_alive()
+                else "nobody holds a lent connection any more: it was dropped",
             )
         return reclaimed
+
+    def _unreferenced_locked(self, token: int) -> bool:
+        """Return True if nothing but the pool refers to the connection lent under ``token``.
+
+        Lock held. The pool's own references: ``_used``, a key in ``_keys``,
+        a round trip in ``_deadlines``. Anything else that can reach the
+        connection (a variable, a cursor, a Django wrapper, a traceback)
+        holds a strong reference, so this is never wrong the other way: a
+        connection someone can still use is never taken.
+        """
+        conn = self._used[token]
+        ours = _REFS_OF_A_DICT_VALUE + 1  # + this function's own local
+        ours += sum(1 for c in self._keys.values() if c is conn)
+        trip = self._deadlines.get(id(conn))
+        if trip is not None and trip.conn is conn:
+            ours += 1
+        return sys.getrefcount(conn) <= ours
 
     def _report_leaks(self, now: float) -> None:
         """Warn once per borrow about connections held longer than leak_timeout."""
@@ -1315,6 +1368,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             if waiter.served or waiter.token in self._used or waiter.token in self._reserved:
                 problems.append("a queued waiter holds something already")
         if quiescent:
+            if self._deadlines:
+                problems.append(f"{len(self._deadlines)} round trip(s) under way")
             if self._reserved:
                 problems.append(f"{len(self._reserved)} slot(s) reserved with nothing in progress")
             if self._waiters and (self._idle or size < self.maxconn):
