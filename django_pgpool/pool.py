@@ -78,7 +78,7 @@ import psycopg2.pool
 
 from . import forking, maintenance
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
-from .forking import INHERITED_BUSY, detach_inherited
+from .forking import detach_inherited
 from .probe import input_probe
 from .session import Baseline, PooledConnection, reset_session
 from .stats import (
@@ -103,14 +103,7 @@ from .stats import (
     PoolStats,
 )
 
-__all__ = [
-    "INHERITED_BUSY",
-    "STATS_KEYS",
-    "WAIT_BUCKETS",
-    "ConnectionPool",
-    "InvariantError",
-    "detach_inherited",
-]
+__all__ = ["STATS_KEYS", "WAIT_BUCKETS", "ConnectionPool", "InvariantError"]
 
 logger = logging.getLogger("django_pgpool")
 
@@ -443,7 +436,12 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         # Everything the pool records for this borrow is under ``token`` from
         # here on: whatever interrupts it gives all of it back.
         try:
-            conn = self._borrow(token)
+            started = time.monotonic()
+            conn = self._take(token, started)
+            # The usual case, an idle connection that needs no round trip,
+            # takes no further call; anything else goes to _borrow().
+            if conn is None or self._problem(conn, started + self.timeout, False) is not None:
+                conn = self._borrow(token, conn, started + self.timeout)
             conn.borrowed_at = time.monotonic()
             conn.borrower = threading.current_thread()
             conn.leak_reported = False
@@ -459,11 +457,14 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             self._give_back(token)
             raise
 
-    def _borrow(self, token: int) -> PooledConnection:
-        """Lend a healthy connection under loan ``token``, opening one if needed."""
-        started = time.monotonic()
-        deadline = started + self.timeout
-        conn = self._take(token, started)
+    def _borrow(
+        self, token: int, conn: PooledConnection | None, deadline: float
+    ) -> PooledConnection:
+        """Lend a healthy connection under loan ``token``, opening one if needed.
+
+        ``conn``: the connection _take() lent, which failed its check, or
+        None: a slot was reserved for a new one.
+        """
         opened = 0  # connections this borrow opened
         while True:
             if conn is not None:
@@ -792,7 +793,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         token = conn.loan
         checked = False
         try:
-            self._check_loan(conn, token, key, loan)
+            if loan is None or loan != token or self._used.get(token) is not conn:
+                self._check_loan(conn, token, key, loan)  # the ENGINE's returns skip the call
             checked = True
             outcome = self._reset_for_return(conn, close)
             self._finish_return(conn, token, key, outcome, close)
