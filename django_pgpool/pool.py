@@ -438,10 +438,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         try:
             started = time.monotonic()
             conn = self._take(token, started)
-            # The usual case, an idle connection that needs no round trip,
-            # takes no further call; anything else goes to _borrow().
-            if conn is None or self._problem(conn, started + self.timeout, False) is not None:
-                conn = self._borrow(token, conn, started + self.timeout)
+            # The usual case, an idle connection that passes its check, takes
+            # no further call; anything else goes to _borrow().
+            problem = None if conn is None else self._problem(conn, started + self.timeout, False)
+            if conn is None or problem is not None:
+                conn = self._borrow(token, conn, problem, started + self.timeout)
             conn.borrowed_at = time.monotonic()
             conn.borrower = threading.current_thread()
             conn.leak_reported = False
@@ -458,17 +459,16 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             raise
 
     def _borrow(
-        self, token: int, conn: PooledConnection | None, deadline: float
+        self, token: int, conn: PooledConnection | None, problem: str | None, deadline: float
     ) -> PooledConnection:
         """Lend a healthy connection under loan ``token``, opening one if needed.
 
-        ``conn``: the connection _take() lent, which failed its check, or
-        None: a slot was reserved for a new one.
+        ``conn``: the connection _take() lent, which failed its check with
+        ``problem``; or None: a slot was reserved for a new one.
         """
         opened = 0  # connections this borrow opened
         while True:
             if conn is not None:
-                problem = self._problem(conn, deadline, fresh=opened > 0)
                 if problem is None:
                     return conn
                 self._replace_lent(token, conn, problem)
@@ -483,6 +483,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     raise self._timeout_error(opened)
             conn = self._open_lent(token)
             opened += 1
+            problem = self._problem(conn, deadline, fresh=True)
 
     def _take(self, token: int, started: float) -> PooledConnection | None:
         """Lend an idle connection under ``token``, or reserve a slot under it
