@@ -134,9 +134,26 @@ def tracking_cursor_class(cursor_class: type) -> type:
 class PooledConnection(ext.connection):
     """A psycopg2 connection that carries the pool's bookkeeping.
 
-    The attributes below are only written by the thread that holds the
-    connection (borrower, or the pool while it returns, checks or opens it);
-    the pool's lock guards the handover, so they need no lock of their own.
+    Who writes which attribute, and why none needs a lock of its own:
+
+    * Set once by the thread that opens it, before the pool records it
+      anywhere another thread could find it: ``baseline``, ``created_at``,
+      ``expires_at``, ``pool_pid``.
+    * Written under the pool's lock: ``loan``, ``returned_at``, ``reclaimed``
+      (by maintenance, or a waiter about to time out, taking back the
+      connection of a thread that exited), ``leak_reported`` when a leak is
+      reported (by maintenance), and ``borrower``/``borrowed_at`` when the
+      pool hands it to a waiter or takes it back at return.
+    * Written by the thread that holds the loan, outside the lock, right
+      after its borrow: ``borrower``, ``borrowed_at``, ``leak_reported``
+      (cleared), ``shared``, ``borrow_stack``; and while it holds it:
+      ``session_dirty`` (its cursors; cleared by the reset at return) and
+      ``input_probe`` (made at its first check; maintenance makes it instead,
+      under the lock, for an idle one).
+    * Read by maintenance under the pool's lock while the connection is lent
+      (``borrower``, ``borrowed_at``, ``shared``, ``leak_reported``): a read
+      that races the borrower's writes above only delays a leak report or
+      a reclaim by one round.
     """
 
     session_dirty: bool
