@@ -6,7 +6,8 @@ thread, whatever the number of pools) and started lazily by the first pool;
 after fork() the child has no thread until its first pool needs one, and
 every inherited pool forgets the parent's connections.
 
-Lock discipline: ``_lock`` guards ``_pools``, ``_hooks`` and ``_thread``. It
+Lock discipline: ``_lock`` guards ``_pools``, ``_hooks``, ``_thread`` and
+``_start_failed``; ``_wakeup`` is an Event, safe without it. It
 is never held while a pool does its maintenance (which may connect), only
 while the list of pools is copied or the thread started.
 

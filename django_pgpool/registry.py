@@ -10,9 +10,12 @@ zone, the parameters change and a new pool is used; several aliases with the
 same parameters (a TEST MIRROR) share one. The hash is keyed with a random
 per-process secret, so a key shown anywhere reveals nothing of the password.
 
-Lock discipline: ``_lock`` guards ``_pools``. Creating a pool does no I/O
-(pools connect lazily), so it is done under the lock; closing a pool does
-I/O, so pools are removed under the lock and closed after it is released.
+Lock discipline: ``_lock`` guards ``_pools`` and ``_listeners``. Creating a
+pool does no I/O (pools connect lazily), so it is done under the lock; the
+listeners are told after it is released (they may read files); closing a
+pool does I/O, so pools are removed under the lock and closed after it is
+released. ``get_pool()`` reads ``_pools`` without the lock first: a dict
+read is atomic, and a miss is looked up again under the lock.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def get_pool(
     key = (os.getpid(), _digest(params, (options, extra_key)))
     entry = _pools.get(key)  # dict reads are atomic: the common case takes no lock
     if entry is None or alias not in entry.aliases:
-        created = False
+        tell: list[Callable[[], None]] = []
         with _lock:
             entry = _pools.get(key)
             if entry is None:
@@ -99,11 +102,10 @@ def get_pool(
                 )
                 entry = PoolEntry(key, pool, options, database=database)
                 _pools[key] = entry
-                created = True
+                tell = list(_listeners)
             entry.aliases = entry.aliases | {alias}
-        if created:
-            for listener in list(_listeners):
-                listener()  # may read a file: not under the lock
+        for listener in tell:
+            listener()  # may read a file: not under the lock
     return entry.pool
 
 
