@@ -7,11 +7,14 @@ Validation lives here and nowhere else: the ENGINE raises the first problem as
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, NamedTuple
 
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from .pool import callable_name
 
 __all__ = [
     "POOL_KEYS",
@@ -39,9 +42,20 @@ class PoolOptions:
     check_after: float = 1.0
     reset: ResetMode = "auto"
     leak_timeout: float | None = None
+    # Called before every new connection for fresh libpq parameters (a
+    # rotating password): resolved from a dotted path by parse_options().
+    credentials: Callable[[], Mapping[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """Return the options as ConnectionPool's keyword arguments."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def shown(self) -> dict[str, Any]:
+        """Return the options as they may be shown (JSON-safe: a callable by its name)."""
+        shown = self.as_dict()
+        if self.credentials is not None:
+            shown["credentials"] = callable_name(self.credentials)
+        return shown
 
 
 DEFAULTS = PoolOptions()
@@ -82,6 +96,7 @@ E_VALUE = "django_pgpool.E001"  # a pool option has a wrong type or is out of ra
 E_MIN_MAX = "django_pgpool.E002"  # minconn > maxconn
 E_DJANGO_POOL = "django_pgpool.E003"  # OPTIONS['pool'] (Django's psycopg 3 pool)
 E_CONN_MAX_AGE = "django_pgpool.E004"  # CONN_MAX_AGE != 0
+E_CREDENTIALS = "django_pgpool.E005"  # OPTIONS['credentials'] can't be imported or called
 
 
 def _path(alias: str, key: str) -> str:
@@ -114,6 +129,20 @@ def option_problems(alias: str, options: Mapping[str, Any], conn_max_age: Any = 
         bad("leak_timeout", "None (off) or a number of seconds > 0")
     if "reset" in options and options["reset"] not in RESET_MODES:
         bad("reset", "one of " + ", ".join(repr(m) for m in RESET_MODES))
+    if options.get("credentials") is not None:
+        try:
+            _credentials(options["credentials"])
+        except (ImportError, TypeError) as exc:
+            path = _path(alias, "credentials")
+            problems.append(
+                Problem(
+                    E_CREDENTIALS,
+                    path,
+                    f"{path} is {options['credentials']!r}: {exc}. It must be a callable, or "
+                    "the dotted path of one, taking no arguments and returning a dict of "
+                    "libpq connect parameters, e.g. {'password': token}.",
+                )
+            )
 
     minconn, maxconn = (
         options.get("minconn", DEFAULTS.minconn),
@@ -165,4 +194,14 @@ def parse_options(alias: str, options: Mapping[str, Any], conn_max_age: Any = 0)
     for key in (*_SECONDS_KEYS, "leak_timeout"):
         if given.get(key) is not None:
             given[key] = float(given[key])
+    if given.get("credentials") is not None:
+        given["credentials"] = _credentials(given["credentials"])
     return PoolOptions(**given)
+
+
+def _credentials(value: Any) -> Callable[[], Mapping[str, Any]]:
+    """Return the credentials callable; raise ImportError or TypeError if it is none."""
+    function = import_string(value) if isinstance(value, str) else value
+    if not callable(function):
+        raise TypeError(f"{callable_name(type(function))} object is not callable")
+    return function  # type: ignore[no-any-return]

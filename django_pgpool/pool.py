@@ -69,7 +69,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 import psycopg2
@@ -277,6 +277,13 @@ class _Reservation:
         self.since = time.monotonic()
 
 
+def callable_name(function: Callable[..., Any]) -> str:
+    """Return ``module.qualname`` of a callable, for messages and status."""
+    module = getattr(function, "__module__", None) or "?"
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    return f"{module}.{name}"
+
+
 def _has_pending_input(conn: PooledConnection) -> bool:
     """Return True if an idle connection's socket is readable: the server spoke
     (an idle session only hears from it on a fatal error) or closed it."""
@@ -326,6 +333,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     ``ConnectionPool(minconn, maxconn, *args, **kwargs)`` like psycopg2's pool:
     ``args`` and ``kwargs`` go to ``psycopg2.connect()``. The pool's own knobs
     are keyword-only. Connections are opened lazily, never in ``__init__``.
+    ``credentials``, if given, is called before every new connection and
+    returns connect parameters that override ``kwargs`` for it (a password
+    that rotates).
     """
 
     def __init__(
@@ -342,6 +352,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         reset: str = "auto",
         leak_timeout: float | None = None,
         configure: Callable[[PooledConnection], None] | None = None,
+        credentials: Callable[[], Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         # psycopg2's __init__ is not called: it opens minconn connections at
@@ -365,6 +376,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self.leak_timeout = leak_timeout
         self.abandoned_after = ABANDONED_AFTER
         self._configure = configure
+        # Called for every new connection, its result never kept: a rotating
+        # password is never cached, logged or part of the pool's identity.
+        self._credentials = credentials
 
         factory = kwargs.get("connection_factory") or PooledConnection
         if not issubclass(factory, PooledConnection):
@@ -730,8 +744,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         """Open and configure a new connection (no lock held; the slot is reserved)."""
         started = time.monotonic()
         try:
+            kwargs = self._kwargs
+            if self._credentials is not None:
+                kwargs = {**kwargs, **self._fresh_credentials()}
             with _fork_gate.connecting():
-                conn: PooledConnection = psycopg2.connect(*self._args, **self._kwargs)
+                conn: PooledConnection = psycopg2.connect(*self._args, **kwargs)
             try:
                 if self._configure is not None:
                     self._configure(conn)
@@ -755,6 +772,24 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             self._stats[CONNECTIONS_MS] += int((now - started) * 1000)
         self._log(logging.DEBUG, "connection opened in %.1f ms", (now - started) * 1000)
         return conn
+
+    def _fresh_credentials(self) -> Mapping[str, Any]:
+        """Call the credentials callable; raise PoolError naming it and the cause."""
+        assert self._credentials is not None
+        name = callable_name(self._credentials)
+        try:
+            fresh = self._credentials()
+        except Exception as exc:
+            raise PoolError(
+                f"couldn't get credentials for a new connection of {self.name}: {name} "
+                f"(OPTIONS['credentials']) raised {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(fresh, Mapping):
+            raise PoolError(
+                f"{name} (OPTIONS['credentials']) returned a {type(fresh).__name__}, not a "
+                "dict of libpq connect parameters such as {'password': token}"
+            )
+        return fresh
 
     # -- returning -----------------------------------------------------------
 

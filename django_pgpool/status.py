@@ -189,7 +189,7 @@ def snapshot() -> dict[str, Any]:
             {
                 "aliases": sorted(entry.aliases),
                 "database": entry.database,
-                "options": entry.options.as_dict(),
+                "options": entry.options.shown(),
                 **entry.pool.activity(),
             }
         )

@@ -7,7 +7,7 @@ import psycopg2
 import pytest
 
 from django_pgpool.pool import ConnectionPool
-from tests.pgserver import ServerInfo
+from tests.pgserver import ServerInfo, ThrowawayServer
 from tests.settings import SERVER
 from tests.tcpproxy import TcpProxy
 
@@ -19,6 +19,14 @@ CONNECT_TIMEOUT = 2  # libpq's connect_timeout, in seconds (its smallest useful 
 @pytest.fixture(scope="session")
 def server() -> ServerInfo:
     return SERVER
+
+
+@pytest.fixture(scope="session")
+def password_server() -> Iterator[ServerInfo]:
+    """A throwaway cluster of the tests' own whose pg_hba.conf asks TCP clients for a
+    SCRAM password: the suite's server may trust every connection (any PGHOST)."""
+    with ThrowawayServer() as server:
+        yield server.info
 
 
 @pytest.fixture

@@ -26,20 +26,13 @@ from django.core.management import call_command
 from django.db import connections
 
 from django_pgpool import base, registry
-from tests.pgserver import ServerInfo, ThrowawayServer
+from tests.pgserver import ServerInfo
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
 SENTINEL = "S3ntinel-" + secrets.token_hex(8)
 ROLE = "pgpool_secret"
 ALIAS = "secret_alias"
-
-
-@pytest.fixture(scope="module")
-def password_server() -> Iterator[ServerInfo]:
-    """A throwaway cluster whose pg_hba.conf asks TCP clients for a SCRAM password."""
-    with ThrowawayServer() as server:
-        yield server.info
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,6 @@ def database_wrapper(alias: str) -> DatabaseWrapper:
 def pool_config(alias: str) -> dict[str, Any]:
     """Return the validated pool options; raise CommandError if they are invalid."""
     try:
-        return database_wrapper(alias).pool_options().as_dict()
+        return database_wrapper(alias).pool_options().shown()
     except ImproperlyConfigured as exc:
         raise CommandError(str(exc)) from exc
