@@ -36,6 +36,7 @@ class PoolOptions:
     minconn: int = 1
     maxconn: int = 10
     timeout: float = 30.0
+    failover_timeout: float = 5.0
     max_waiting: int = 0
     max_lifetime: float = 3600.0
     max_idle: float = 600.0
@@ -72,6 +73,7 @@ _INT_KEYS = {
 # key -> text of the allowed range (>= 0, and > 0 for those in _STRICTLY_POSITIVE)
 _SECONDS_KEYS = {
     "timeout": "a number of seconds > 0",
+    "failover_timeout": "a number of seconds >= 0 (0 fails at the first refused connect)",
     "max_lifetime": "a number of seconds > 0",
     "max_idle": "a number of seconds > 0",
     "check_after": "a number of seconds >= 0 (0 checks every borrow)",

@@ -119,6 +119,19 @@ LIFETIME_JITTER = 0.05
 # must not be hammered hundreds of times a second until the timeout.
 FRESH_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
 
+# A borrow whose connect fails for want of a usable host waits this long
+# before the next try, doubling up to the last (see failover_timeout).
+CONNECT_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.5)
+# Connect errors that trying again won't mend (libpq gives no SQLSTATE for them).
+_PERMANENT_CONNECT_ERRORS = (
+    "authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "permission denied",
+    "invalid ",
+    "certificate",
+)
+
 # What a reserved slot is for (_Reservation.purpose).
 OPENING = "opening"
 CLOSING = "closing"
@@ -277,6 +290,17 @@ class _Reservation:
         self.since = time.monotonic()
 
 
+def _worth_retrying(exc: psycopg2.OperationalError) -> bool:
+    """Return True if a failed connect may succeed in a moment (refused, starting
+    up, no writable host yet), False if it can't (password, database, role)."""
+    message = str(exc).lower()
+    return not any(permanent in message for permanent in _PERMANENT_CONNECT_ERRORS)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def callable_name(function: Callable[..., Any]) -> str:
     """Return ``module.qualname`` of a callable, for messages and status."""
     module = getattr(function, "__module__", None) or "?"
@@ -345,6 +369,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         *args: Any,
         name: str = "pool",
         timeout: float = 30.0,
+        failover_timeout: float = 5.0,
         max_waiting: int = 0,
         max_lifetime: float = 3600.0,
         max_idle: float = 600.0,
@@ -368,6 +393,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self.maxconn = maxconn
         self.name = name
         self.timeout = timeout
+        self.failover_timeout = failover_timeout
         self.max_waiting = max_waiting
         self.max_lifetime = max_lifetime
         self.max_idle = max_idle
@@ -495,9 +521,36 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     time.sleep(delay)
                 elif now >= deadline:
                     raise self._timeout_error(opened)
-            conn = self._open_lent(token)
+            conn = self._open_lent_retrying(token, deadline)
             opened += 1
             problem = self._problem(conn, deadline, fresh=True)
+
+    def _open_lent_retrying(self, token: int, deadline: float) -> PooledConnection:
+        """Open a connection in the slot reserved under ``token``, trying again with
+        backoff while no usable host answers, for ``failover_timeout`` at most.
+
+        During a failover or a restart the server refuses connections, or libpq
+        finds no writable host (``target_session_attrs``), for a few seconds:
+        a request can ride through that instead of failing at once. A server
+        that refuses the password, the database or the role is not retried.
+        """
+        give_up = min(deadline, time.monotonic() + self.failover_timeout)
+        delays = iter(CONNECT_RETRY_DELAYS)
+        while True:
+            try:
+                return self._open_lent(token)
+            except psycopg2.OperationalError as exc:
+                delay = next(delays, CONNECT_RETRY_DELAYS[-1])
+                if (
+                    isinstance(exc, PoolError)
+                    or not _worth_retrying(exc)
+                    or time.monotonic() + delay >= give_up
+                ):
+                    with self._lock:
+                        self._stats[REQUESTS_ERRORS] += 1
+                    raise
+                self._log(logging.INFO, "couldn't connect, trying again: %s", _first_line(exc))
+            time.sleep(delay)
 
     def _take(self, token: int, started: float) -> PooledConnection | None:
         """Lend an idle connection under ``token``, or reserve a slot under it
@@ -723,12 +776,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
     def _open_lent(self, token: int) -> PooledConnection:
         """Open a connection in the slot reserved under ``token`` and lend it under it."""
-        try:
-            conn = self._connect()
-        except BaseException:
-            with self._lock:
-                self._stats[REQUESTS_ERRORS] += 1
-            raise  # getconn() gives the slot back
+        conn = self._connect()  # raising, getconn() gives the slot back
         conn.loan = token
         with self._lock:
             closed = self.closed

@@ -323,11 +323,12 @@ def test_poolstatus_lists_both_databases_with_their_configuration() -> None:
     output = run("poolstatus")
 
     for alias in ("default", "other"):
-        assert f"\n{alias}:\n  NAME          {connections[alias].settings_dict['NAME']}\n" in output
-    assert "  maxconn       4\n" in output
-    assert "  timeout       5.0\n" in output
-    assert f"  HOST          {SERVER.host}\n" in output
-    assert f"  USER          {SERVER.user}\n" in output
+        name = re.escape(connections[alias].settings_dict["NAME"])
+        assert re.search(rf"\n{alias}:\n  NAME +{name}\n", output)
+    assert re.search(r"\n  maxconn +4\n", output)
+    assert re.search(r"\n  timeout +5\.0\n", output)
+    assert re.search(rf"\n  HOST +{re.escape(SERVER.host)}\n", output)
+    assert re.search(rf"\n  USER +{re.escape(SERVER.user)}\n", output)
     assert output.startswith(f"Host {HOSTNAME}, ")
 
 
@@ -652,7 +653,7 @@ def test_a_name_that_is_a_connection_string_is_hidden(monkeypatch: pytest.Monkey
 
     assert "secret-in-uri" not in output + str(excinfo.value)
     assert "(<hidden> on " in str(excinfo.value)
-    assert "  NAME          <hidden>\n" in output
+    assert re.search(r"\n  NAME +<hidden>\n", output)
     assert document["databases"]["other"]["database"]["NAME"] == "<hidden>"
 
 

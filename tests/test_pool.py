@@ -353,7 +353,7 @@ def test_idle_connections_shrink_toward_minconn_after_max_idle(make_pool: MakePo
 
 def test_failed_connect_raises_and_frees_its_slot(server: Any) -> None:
     kwargs = {**server.connect_kwargs(), "port": 1, "connect_timeout": 2}
-    pool = ConnectionPool(0, 1, timeout=1, **kwargs)
+    pool = ConnectionPool(0, 1, timeout=1, failover_timeout=0, **kwargs)
     try:
         for _ in range(3):
             with pytest.raises(psycopg2.OperationalError):

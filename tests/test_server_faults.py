@@ -344,7 +344,14 @@ def test_while_the_server_is_down_callers_fail_fast_and_the_pool_refills_itself_
     pg: ThrowawayServer, make_pool: MakePool, server: ServerInfo
 ) -> None:
     app = "pgpool-faults-down"
-    pool = make_pool(2, 4, timeout=2, connect_timeout=CONNECT_TIMEOUT, application_name=app)
+    pool = make_pool(
+        2,
+        4,
+        timeout=2,
+        failover_timeout=0,  # no riding through: see the next test
+        connect_timeout=CONNECT_TIMEOUT,
+        application_name=app,
+    )
     wait_for(lambda: pool.get_stats()["pool_available"] == 2, what="minconn refill")
     pg.stop()
 
@@ -393,6 +400,51 @@ def test_while_the_server_is_down_callers_fail_fast_and_the_pool_refills_itself_
     )
 
 
+def test_a_borrow_rides_through_a_short_outage_within_failover_timeout(
+    pg: ThrowawayServer, make_pool: MakePool
+) -> None:
+    pool = make_pool(0, 2, timeout=10, failover_timeout=5, connect_timeout=CONNECT_TIMEOUT)
+    pg.stop()
+    outcome: list[Outcome] = []
+    borrower = threading.Thread(target=lambda: outcome.append(timed(borrow_and_return(pool))))
+    borrower.start()
+    time.sleep(1.0)  # refused all along
+    pg.start()
+    borrower.join(10)
+    assert outcome and outcome[0].error is None, outcome
+    assert 1.0 < outcome[0].elapsed < 5.0
+    assert pool.get_stats()["requests_errors"] == 0
+    print(f"\nserver down for ~1 s: the borrow waited {outcome[0].elapsed:.2f} s and succeeded")
+
+
+def test_a_server_that_stays_down_fails_the_borrow_after_failover_timeout(
+    pg: ThrowawayServer, make_pool: MakePool
+) -> None:
+    pool = make_pool(0, 2, timeout=10, failover_timeout=1.5, connect_timeout=CONNECT_TIMEOUT)
+    pg.stop()
+    try:
+        outcome = timed(borrow_and_return(pool))
+    finally:
+        pg.start()
+    assert isinstance(outcome.error, psycopg2.OperationalError), outcome
+    assert 1.0 < outcome.elapsed < 2.5, outcome
+    assert pool.get_stats()["requests_errors"] == 1
+    assert pool.get_stats()["connections_errors"] >= 4  # tried again, with backoff
+
+
+def test_a_wrong_password_is_not_tried_again(password_server: ServerInfo) -> None:
+    kwargs = {**password_server.connect_kwargs(), "password": "wrong-" + "x" * 8}
+    pool = ConnectionPool(0, 1, timeout=10, failover_timeout=5, **kwargs)
+    try:
+        outcome = timed(borrow_and_return(pool))
+    finally:
+        pool.closeall()
+    assert isinstance(outcome.error, psycopg2.OperationalError)
+    assert "password authentication failed" in str(outcome.error)
+    assert outcome.elapsed < 1.0
+    assert pool.get_stats()["connections_errors"] == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_django_raises_operational_error_at_once_while_the_server_is_down_and_then_recovers(
     pg: ThrowawayServer, add_alias: Callable[..., str]
@@ -402,6 +454,7 @@ def test_django_raises_operational_error_at_once_while_the_server_is_down_and_th
         "minconn": 0,
         "maxconn": 2,
         "timeout": 2,
+        "failover_timeout": 0,
         "connect_timeout": CONNECT_TIMEOUT,
     }
     alias = add_alias("faults_down", OPTIONS=options)
