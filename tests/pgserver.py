@@ -261,8 +261,22 @@ class ThrowawayServer:
         port: int | None = None,
         password: str | None = None,
         bindir: str | None = None,
+        *,
+        settings: Mapping[str, str] | None = None,
+        basebackup_from: ServerInfo | None = None,
     ) -> None:
+        """Describe a cluster; nothing starts before :meth:`start`.
+
+        ``settings`` are extra ``postgresql.conf`` lines (raw values, quote
+        strings yourself: ``{"cluster_name": "'replica'"}``) that override the
+        defaults.  With ``basebackup_from``, a new cluster is not made by
+        initdb but copied from that running server with ``pg_basebackup -R``
+        (so it starts as its streaming standby); its password must be the
+        source's.
+        """
         self.bindir = bindir or find_bindir()
+        self.settings: dict[str, str] = dict(settings or {})
+        self.basebackup_from = basebackup_from
         self._as_root = _is_root()
         if self._as_root:
             self._uid, self._gid = _server_ids()
@@ -409,12 +423,34 @@ class ThrowawayServer:
         with open(os.path.join(self.datadir, "postgresql.conf"), "a", encoding="utf-8") as fh:
             fh.write(f"\n# added by tests/pgserver.py\ninclude = {_quote_conf(_CONF_FILE)}\n")
 
+    def _basebackup(self, source: ServerInfo) -> None:
+        self._prepare_basedir()
+        self._write_private(os.path.join(self.basedir, _PASSWORD_FILE), self.info.password + "\n")
+        conninfo = " ".join(
+            f"{key}={_quote_conf(str(value))}" for key, value in source.connect_kwargs().items()
+        )
+        # -R writes primary_conninfo (password included) and standby.signal
+        self._run(
+            [
+                "pg_basebackup",
+                f"--pgdata={self.datadir}",  # first: errors show args[:2], not the password
+                f"--dbname={conninfo}",
+                "--write-recovery-conf",
+                "--wal-method=stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            ]
+        )
+        with contextlib.suppress(FileNotFoundError):  # the source's log, copied along
+            os.truncate(self.logfile, 0)
+
     def _write_conf(self) -> None:
         settings = {
             "listen_addresses": _quote_conf(HOST),
             "port": str(self.info.port),
             "unix_socket_directories": _quote_conf(self.socketdir),
             **_SETTINGS,
+            **self.settings,
         }
         body = "".join(f"{key} = {value}\n" for key, value in settings.items())
         path = os.path.join(self.datadir, _CONF_FILE)
@@ -432,7 +468,10 @@ class ThrowawayServer:
     def start(self) -> None:
         """initdb (once) and ``pg_ctl start -w``; does nothing if it is running."""
         if not self._initialized():
-            self._initdb()
+            if self.basebackup_from is not None:
+                self._basebackup(self.basebackup_from)
+            else:
+                self._initdb()
         elif self.is_running():
             return
         else:
