@@ -40,14 +40,20 @@ psycopg2 2.9 on libpq 17):
   when they are given as parameters or ``PG*`` variables).  No
   ``extra_float_digits``: that is what the JDBC driver and psycopg 3 send.
   Checked by ``test_plain_psycopg2_sends_only_user_and_database``.
-* PgBouncer 1.18 accepts ``user``, ``database``, ``replication`` (refused,
-  unsupported) and the tracked parameters ``client_encoding``, ``DateStyle``,
-  ``TimeZone``, ``standard_conforming_strings`` and ``application_name``.
-  Anything else, ``options`` included, gets ``FATAL: unsupported startup
-  parameter: <name>`` unless listed in ``ignore_startup_parameters``, which
-  drops it silently: the server never sees it.  ``options`` is understood
-  only from 1.20 on.  So the default here is no ``ignore_startup_parameters``
-  at all: an ordinary configuration, and plain psycopg2 needs none.
+* PgBouncer 1.18 accepts ``user``, ``database`` and the parameters it
+  tracks per client: ``client_encoding``, ``DateStyle``, ``TimeZone``,
+  ``standard_conforming_strings`` and ``application_name`` (names compared
+  case-insensitively).  Anything else gets ``FATAL: unsupported startup
+  parameter: <name>`` before authentication: ``options``,
+  ``extra_float_digits``, ``search_path``, ``IntervalStyle`` and
+  ``replication`` were tried.  Listing a name in
+  ``ignore_startup_parameters`` makes PgBouncer drop it silently: the server
+  never sees it (``options='-c statement_timeout=1234'`` then leaves
+  ``statement_timeout`` at 0).  ``options`` is understood only from 1.20 on.
+  So the default here is no ``ignore_startup_parameters`` at all: an ordinary
+  configuration, and plain psycopg2 needs none.  Stock Django on psycopg2
+  sends nothing more either (it runs ``SET TIME ZONE`` after connecting when
+  needed).
 """
 
 from __future__ import annotations
@@ -87,16 +93,12 @@ _START_TIMEOUT = 15.0  # seconds until it accepts connections
 _STOP_TIMEOUT = 10.0
 _PORT_ATTEMPTS = 5
 
-# An ordinary configuration; anything here can be overridden by keyword.
+# An ordinary configuration (these are PgBouncer's defaults, spelled out);
+# anything can be overridden by keyword.
 _DEFAULTS: dict[str, str] = {
     "max_client_conn": "100",
     "default_pool_size": "20",
-    "server_reset_query": "DISCARD ALL",
-    "server_check_delay": "0",  # tests stop and promote servers: don't trust idle links
     "ignore_startup_parameters": "",
-    "log_connections": "0",
-    "log_disconnections": "0",
-    "log_pooler_errors": "1",
 }
 
 

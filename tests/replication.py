@@ -64,7 +64,7 @@ class ReplicationError(RuntimeError):
 
 
 def wait_until(
-    predicate: Callable[[], T], timeout: float = WAIT_TIMEOUT, what: str = "condition"
+    predicate: Callable[[], T | None], timeout: float = WAIT_TIMEOUT, what: str = "condition"
 ) -> T:
     """Call ``predicate`` until it returns something truthy; return that or raise after timeout.
 

@@ -165,6 +165,12 @@ def test_ignored_options_are_dropped_silently(server: ServerInfo, connect: Any) 
 # --------------------------------------------------------------------------- #
 
 
+def _pool_if(bouncer: ThrowawayPgBouncer, **expected: int) -> dict[str, Any] | None:
+    """The SHOW POOLS row of the default pool if it has the ``expected`` counts, else None."""
+    pool = bouncer.pool()
+    return pool if all(pool[key] == value for key, value in expected.items()) else None
+
+
 def test_admin_console_answers_show_commands(pgbouncer_session: ThrowawayPgBouncer) -> None:
     (version,) = pgbouncer_session.admin("SHOW VERSION")
     assert version["version"].startswith("PgBouncer ")
@@ -182,8 +188,11 @@ def test_session_mode_links_the_client_to_one_server_connection(
     assert scalar(conn, "SELECT 1") == 1
     assert scalar(conn, "SELECT pg_backend_pid()") == pid
 
-    pool = pgbouncer_session.pool()
-    assert (pool["pool_mode"], pool["cl_active"], pool["sv_active"]) == ("session", 1, 1)
+    # (wait: a client another test closed may take a moment to leave)
+    pool = wait_until(
+        lambda: _pool_if(pgbouncer_session, cl_active=1, sv_active=1), 5, "SHOW POOLS to settle"
+    )
+    assert pool["pool_mode"] == "session"
     (link,) = [row for row in pgbouncer_session.admin("SHOW SERVERS") if row["link"]]
     assert link["remote_pid"] == pid
     # The server sees that backend's client as PgBouncer's end of the link.
@@ -203,8 +212,10 @@ def test_transaction_mode_holds_a_server_connection_only_for_a_transaction(
     second = connect(**pgbouncer_transaction.info.connect_kwargs())
     pid = scalar(first, "SELECT pg_backend_pid()")  # opens a transaction
 
-    pool = pgbouncer_transaction.pool()
-    assert (pool["pool_mode"], pool["cl_active"], pool["sv_active"]) == ("transaction", 2, 1)
+    pool = wait_until(
+        lambda: _pool_if(pgbouncer_transaction, cl_active=2, sv_active=1), 5, "SHOW POOLS to settle"
+    )
+    assert pool["pool_mode"] == "transaction"
     first.commit()
     pool = pgbouncer_transaction.pool()
     assert (pool["cl_active"], pool["sv_active"]) == (2, 0)
