@@ -438,6 +438,19 @@ class ThrowawayPgBouncer:
         self._write_files()
         self.admin("RELOAD")
 
+    def retarget(self, server: ServerInfo) -> None:
+        """Point every database at ``server`` (same user and password) and ``RELOAD``.
+
+        With ``PAUSE`` before and ``RESUME`` after, this is a planned
+        switchover: clients keep their PgBouncer connections, and PgBouncer
+        closes its server connections to the old address as they are released.
+        """
+        if (server.user, server.password) != (self.server.user, self.server.password):
+            raise ValueError("retarget() needs a server with the same user and password")
+        self.server = server
+        self._write_files()
+        self.admin("RELOAD")
+
     # -- admin console ------------------------------------------------------ #
 
     def admin_connect(self) -> Any:

@@ -336,3 +336,24 @@ def test_after_crash_and_promotion_multi_host_reaches_the_promoted_replica(
     assert scalar(conn, "SELECT inet_server_port()") == pair.replica_info.port
     assert scalar(conn, "INSERT INTO t VALUES (2) RETURNING x") == 2
     assert scalar(conn, "SELECT count(*) FROM t") == 2  # the acknowledged write survived
+
+
+def test_pause_retarget_resume_switches_pgbouncer_to_the_promoted_replica(
+    sync_replica_pair: ReplicaPair, connect: Any
+) -> None:
+    pair = sync_replica_pair
+    with ThrowawayPgBouncer(pair.primary_info, "transaction") as bouncer:
+        client = connect(**bouncer.info.connect_kwargs())
+        scalar(client, "CREATE TABLE t (x int); INSERT INTO t VALUES (1) RETURNING x")
+        assert scalar(client, "SELECT inet_server_port()") == pair.primary_info.port
+
+        bouncer.admin(f"PAUSE {bouncer.info.dbname}")
+        pair.primary.stop("fast")
+        pair.promote_replica()
+        bouncer.retarget(pair.replica_info)
+        bouncer.admin(f"RESUME {bouncer.info.dbname}")
+
+        # The same client connection, no error: its next transaction runs on the new primary.
+        assert scalar(client, "SELECT inet_server_port()") == pair.replica_info.port
+        assert scalar(client, "INSERT INTO t VALUES (2) RETURNING x") == 2
+        assert scalar(client, "SELECT count(*) FROM t") == 2
