@@ -13,9 +13,10 @@ or the function-scoped pytest fixtures ``replica_pair`` and
 ``replica_pair_fixture`` / ``sync_replica_pair_fixture``, with
 ``# noqa: F401``; the fixtures register under the names without
 ``_fixture``).  Function-scoped because most
-tests that use a pair destroy its roles; a pair takes about a second to make
-(initdb, start, ``pg_basebackup``, start; see the report in
-tests/test_topology_harness.py).
+tests that use a pair destroy its roles, and a pair is cheap: about 1.2 s to
+make (initdb + start 0.6-0.9 s, ``pg_basebackup`` + start 0.3-0.6 s, streaming
+in 0.05 s; :attr:`ReplicaPair.timings` has the numbers) and 0.25 s to remove;
+a promotion takes about 0.15 s.
 
 Both clusters are :class:`tests.pgserver.ThrowawayServer` instances on
 127.0.0.1, each on its own free port, sharing the superuser and its password.
