@@ -37,10 +37,11 @@ Lock discipline
 ---------------
 Each pool has one ``threading.Lock``, ``_lock``. It guards every mutable
 attribute of the pool: ``_idle``, ``_used``, ``_reserved``, ``_keys``,
-``_waiters``, ``_stats``, ``closed``, ``_dormant``, ``_refill_after``,
-``_refill_failures``, ``_deadlines`` and ``_reconnected_at``
-(a float also read without it: a stale read only delays a retirement). It is
-held only for bookkeeping: never during a connect, a query, a reset or a
+``_waiters``, ``_stats``, ``closed``, ``_dormant``, ``_paused_at``,
+``_refill_after``, ``_refill_failures``, ``_deadlines`` and
+``_reconnected_at`` (the last two floats are also read without it, for
+display or a retirement: a stale read only shows or acts a moment late). It
+is held only for bookkeeping: never during a connect, a query, a reset or a
 close (network I/O), so a slow server never blocks the threads that could be
 served from idle connections. (The system calls made under it never block: a
 zero-timeout ``poll()`` of idle sockets, and ``dup()`` of a socket about to
@@ -440,6 +441,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         # Connections opened before this (monotonic) time are retired: closed
         # at return or borrow instead of being reused (reconnect()).
         self._reconnected_at = 0.0
+        # Set (wall-clock time) by pause(): nothing is lent or kept until resume().
+        self._paused_at: float | None = None
 
     def _size_locked(self) -> int:
         """Return how many slots are taken: open, opening or closing. Lock held."""
@@ -560,7 +563,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             if self.closed:
                 raise PoolClosed(f"connection pool {self.name} is closed")
             self._dormant = False
-            if not self._waiters:
+            if not self._waiters and self._paused_at is None:
                 if self._idle:
                     # Popped, then recorded: an interruption in between drops
                     # the connection (its slot frees itself, the object closes
@@ -678,7 +681,12 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     def _timeout_message_locked(self) -> str:
         """Say why a borrow timed out and what to change. Lock held."""
         opening = len(self._reserved)
-        if opening and not self._used:
+        if self._paused_at is not None:
+            advice = (
+                f"the pool has been paused since {time.ctime(self._paused_at)} (poolpause); "
+                "run manage.py poolresume, or ConnectionPool.resume()"
+            )
+        elif opening and not self._used:
             advice = "the server may be slow or unreachable"
         else:
             advice = "raise OPTIONS['maxconn'] or OPTIONS['timeout'], or return connections sooner"
@@ -973,7 +981,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 if key is not None:
                     self._keys.pop(key, None)
             self._stats[USAGE_MS] += int((returned_at - conn.borrowed_at) * 1000)
-            if outcome in (KEPT, KEPT_RESET) and not self.closed:
+            if outcome in (KEPT, KEPT_RESET) and not self.closed and self._paused_at is None:
                 if outcome is KEPT_RESET:
                     self._stats[RETURNS_RESET] += 1
                 conn.returned_at = returned_at
@@ -1030,13 +1038,20 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
     def _slot_freed_locked(self) -> None:
         """Pass a freed slot to the longest waiter, or ask for a refill. Lock held."""
-        if self._waiters and not self.closed and self._size_locked() < self.maxconn:
+        if (
+            self._waiters
+            and not self.closed
+            and self._paused_at is None
+            and self._size_locked() < self.maxconn
+        ):
             waiter = self._waiters.popleft()  # then reserve: as in _make_available()
             self._reserved[waiter.token] = _Reservation(OPENING, waiter.thread)
             self._stats.record_wait(time.monotonic() - waiter.since)
             waiter.granted = True
             waiter.wake()
-        elif self._size_locked() < self.minconn and not self.closed and not self._dormant:
+        elif self._size_locked() < self.minconn and not (
+            self.closed or self._dormant or self._paused_at is not None
+        ):
             maintenance.wake()
 
     # -- closing -------------------------------------------------------------
@@ -1074,6 +1089,41 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
             self._idle.remove(conn)
 
+    def pause(self) -> None:
+        """Stop lending (PgBouncer's PAUSE): borrowers wait, up to their timeout.
+
+        Idle connections are closed now, borrowed ones when they are returned;
+        none is opened until resume(). For a planned switchover: pause, wait
+        until no connection is left (``get_stats()["pool_size"] == 0``), move
+        the primary, resume.
+        """
+        reserved: list[tuple[PooledConnection, str | None, int]] = []
+        try:
+            with self._lock:
+                if self._paused_at is None:
+                    self._paused_at = time.time()
+                self._take_idle_locked(list(self._idle), None, reserved)
+        finally:
+            self._close_reserved(reserved)
+        self._log(logging.INFO, "paused")
+
+    def resume(self) -> None:
+        """Lend again after pause(); the borrowers waiting are served first, in order."""
+        with self._lock:
+            if self._paused_at is None:
+                return
+            self._paused_at = None
+            # Each free slot to the longest waiter, as when a slot is freed.
+            for _ in range(min(len(self._waiters), self.maxconn - self._size_locked())):
+                self._slot_freed_locked()
+        maintenance.wake()  # refill minconn
+        self._log(logging.INFO, "resumed")
+
+    @property
+    def paused_since(self) -> float | None:
+        """Return when pause() was called (``time.time()``), or None if lending."""
+        return self._paused_at
+
     def activity(self) -> dict[str, Any]:
         """Return the stats plus what is going on right now (for status snapshots)."""
         now = time.monotonic()
@@ -1083,6 +1133,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             oldest = min(self._used.values(), key=lambda c: c.borrowed_at, default=None)
             retired = self._retired_in_use_locked()
             wait_buckets = list(self._stats.wait_counts)
+            paused_since = self._paused_at
             oldest_checkout = (
                 {
                     "age_s": round(now - oldest.borrowed_at, 3),
@@ -1097,6 +1148,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             "oldest_checkout": oldest_checkout,
             "retired_in_use": retired,
             "wait_buckets": wait_buckets,
+            "paused_since": paused_since,
         }
 
     def retired_in_use(self) -> int:
@@ -1137,7 +1189,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 if self._pid != os.getpid() or self._dormant:
                     return
                 self._recover_abandoned_locked(now, reserved)
-                if not self.closed:
+                if not self.closed and self._paused_at is None:
                     self._trim_idle_locked(now, reserved)
                     refill = self._reserve_refill_locked(now, len(reserved))
                 cut = self._claim_overdue_locked(now)
@@ -1275,7 +1327,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     self._refill_failures = 0
                     token = tokens.pop()
                     ours = self._reserved.pop(token, None) is not None
-                    if ours and not self.closed:
+                    if ours and not self.closed and self._paused_at is None:
                         self._make_available(conn)
                         continue
                     if ours:
@@ -1458,8 +1510,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 problems.append(f"{len(self._deadlines)} round trip(s) under way")
             if self._reserved:
                 problems.append(f"{len(self._reserved)} slot(s) reserved with nothing in progress")
-            if self._waiters and (self._idle or size < self.maxconn):
+            lending = self._paused_at is None and not self.closed
+            if lending and self._waiters and (self._idle or size < self.maxconn):
                 problems.append("a borrower waits while a connection or a slot is free")
+            if self._paused_at is not None and self._idle:
+                problems.append("a paused pool keeps idle connections")
         return problems
 
     def __repr__(self) -> str:

@@ -21,6 +21,20 @@ def server() -> ServerInfo:
     return SERVER
 
 
+@pytest.fixture
+def pg(server: ServerInfo) -> Iterator[ThrowawayServer]:
+    """Control of the test run's own server, running again after the test whatever happened."""
+    if server.datadir is None:
+        pytest.skip("external server (PGHOST without PGPOOL_TEST_DATADIR): not ours to stop")
+    control = ThrowawayServer.attach(server)
+    assert control.is_running()
+    try:
+        yield control
+    finally:
+        control.start()  # does nothing if it is running; pg_ctl -w: accepting when it returns
+        psycopg2.connect(**server.connect_kwargs()).close()
+
+
 @pytest.fixture(scope="session")
 def password_server() -> Iterator[ServerInfo]:
     """A throwaway cluster of the tests' own whose pg_hba.conf asks TCP clients for a

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -157,20 +157,6 @@ def borrow_and_return(pool: ConnectionPool) -> Callable[[], None]:
 
 
 # -- fixtures ------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg(server: ServerInfo) -> Iterator[ThrowawayServer]:
-    """Control of the test run's own server, running again after the test whatever happened."""
-    if server.datadir is None:
-        pytest.skip("external server (PGHOST without PGPOOL_TEST_DATADIR): not ours to stop")
-    control = ThrowawayServer.attach(server)
-    assert control.is_running()
-    try:
-        yield control
-    finally:
-        control.start()  # does nothing if it is running; pg_ctl -w: accepting when it returns
-        connect_admin(server).close()
 
 
 def django_request(using: str = "default") -> int:

@@ -1,0 +1,119 @@
+"""pause() and resume(): PgBouncer's PAUSE and RESUME, for a planned switchover."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from django_pgpool.errors import PoolTimeout
+from tests.conftest import MakePool, backend_pid
+from tests.helpers import server_connections, wait_for
+from tests.pgserver import ThrowawayServer
+
+
+def test_pausing_closes_the_idle_connections_at_once(make_pool: MakePool, admin: Any) -> None:
+    app = "pgpool-pause-idle"
+    pool = make_pool(2, 2, application_name=app)
+    pool.putconn(pool.getconn())
+    wait_for(lambda: server_connections(admin, app) == 2, what="minconn refill")
+    pool.pause()
+    assert pool.paused_since is not None
+    assert pool.get_stats()["pool_size"] == 0
+    wait_for(lambda: server_connections(admin, app) == 0, what="the idle sessions closed")
+    time.sleep(1.5)  # a maintenance round or two: no refill while paused
+    assert server_connections(admin, app) == 0
+    pool.resume()
+    wait_for(lambda: server_connections(admin, app) == 2, what="refilled after resume")
+
+
+def test_a_paused_pool_lends_nothing_closes_what_comes_back_and_resumes_in_order(
+    make_pool: MakePool, admin: Any
+) -> None:
+    app = "pgpool-pause"
+    pool = make_pool(0, 1, timeout=10, application_name=app)
+    held = pool.getconn()
+    old_pid = backend_pid(held)
+    pool.pause()
+    served: list[int] = []
+
+    def borrower(number: int) -> None:
+        conn = pool.getconn()
+        served.append(number)
+        pool.putconn(conn)
+
+    waiters = []
+    for number in range(3):
+        waiter = threading.Thread(target=borrower, args=(number,))
+        waiter.start()
+        wait_for(lambda n=number: pool.get_stats()["requests_waiting"] == n + 1)  # type: ignore[misc]
+        waiters.append(waiter)
+    pool.putconn(held)  # closed, not lent: the pool is paused
+    wait_for(lambda: server_connections(admin, app) == 0, what="every session closed")
+    assert pool.get_stats()["pool_size"] == 0
+    time.sleep(0.3)
+    assert served == []
+    pool.resume()
+    for waiter in waiters:
+        waiter.join(10)
+    assert served == [0, 1, 2]  # in the order they came
+    conn = pool.getconn()
+    assert backend_pid(conn) != old_pid  # a new connection after the resume
+    pool.putconn(conn)
+    pool.check_invariants(quiescent=True)
+
+
+def test_a_borrow_that_times_out_while_paused_says_so(make_pool: MakePool) -> None:
+    pool = make_pool(0, 2, timeout=0.3)
+    pool.pause()
+    with pytest.raises(PoolTimeout, match=r"paused .*poolresume"):
+        pool.getconn()
+    pool.resume()
+    pool.putconn(pool.getconn())
+
+
+def test_pause_restart_resume_under_load_fails_no_request(
+    make_pool: MakePool, pg: ThrowawayServer
+) -> None:
+    pool = make_pool(2, 4, timeout=15, failover_timeout=0)
+    stop = threading.Event()
+    done: list[int] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                conn = pool.getconn()
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                conn.rollback()
+                pool.putconn(conn)
+                done.append(1)
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        pool.pause()
+        wait_for(lambda: pool.get_stats()["pool_size"] == 0, what="drained")
+        drained = time.monotonic() - started
+        pg.restart()  # the switchover: nothing of the pool's is connected meanwhile
+        pool.resume()
+        paused_for = time.monotonic() - started
+        before = len(done)
+        wait_for(lambda: len(done) > before + 100, what="serving again")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(20)
+    assert not errors, errors[:3]
+    print(
+        f"\npause, restart, resume under 8 threads: drained in {drained:.2f} s, paused for "
+        f"{paused_for:.2f} s, {len(done)} requests, none failed"
+    )
