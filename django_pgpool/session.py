@@ -8,24 +8,33 @@ what it looked like when it was opened (its ``Baseline``) and is marked
 
 * SQL that changes the session: every statement passes through
   ``TrackingCursor.execute`` and a cheap regular expression flags
-  ``SET``/``RESET``/``LISTEN``/``PREPARE``/``DECLARE``/temp tables/session
+  ``SET``/``RESET``/``LISTEN``/``PREPARE``/``DECLARE``/temp objects/session
   advisory locks/``set_config()``/``DO``/``CALL``... (false positives only
   cost one ``DISCARD ALL``);
-* ``WITH HOLD`` named cursors (Django's ``.iterator()`` in autocommit mode);
+* SQL that can draw from a sequence (``INSERT``, ``COPY ... FROM``,
+  ``MERGE``, ``nextval()``, ``setval()``...): ``currval()`` and ``lastval()``
+  are session state, and only need a ``DISCARD SEQUENCES``;
+* cursors whose statements can't be seen (a callable ``cursor_factory``
+  making plain psycopg2 cursors) and ``WITH HOLD`` named cursors (Django's
+  ``.iterator()`` in autocommit mode);
 * client-side signals read at return without a round trip: the server's
   reported parameters (TimeZone, application_name, role, DateStyle, ...),
   pending notifications, psycopg2 session flags (``set_session``).
 
 A clean connection costs nothing at return; an open transaction costs a
-``ROLLBACK``; a dirty one a ``DISCARD ALL``. ``reset="always"`` sends
-``DISCARD ALL`` on every return for those who want no inference at all.
-What no client-side inspection can see (a server function that changes
-session state on its own) is the documented limit of ``reset="auto"``.
+``ROLLBACK``; one that only drew from sequences a ``DISCARD SEQUENCES``; any
+other change a ``DISCARD ALL``. ``reset="always"`` sends ``DISCARD ALL`` on
+every return for those who want no inference at all. What no client-side
+inspection can see (a server function or trigger that changes session state
+or draws from a sequence on its own) is the documented limit of
+``reset="auto"`` (docs/session-state.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -36,28 +45,59 @@ import psycopg2
 import psycopg2.extensions as ext
 
 __all__ = [
+    "SEQUENCES",
+    "SESSION",
     "Baseline",
     "PooledConnection",
     "TrackingCursor",
     "changes_session",
     "reset_session",
+    "session_effects",
     "tracking_cursor_class",
 ]
 
-# Statements that change session state when they start a statement.
-# SET LOCAL / SET TRANSACTION / SET CONSTRAINTS only last for the transaction.
+logger = logging.getLogger("django_pgpool")
+
+# What a connection's borrower left to undo: bits of PooledConnection.session_dirty.
+#: Anything at all: the return sends DISCARD ALL. Equal to True, so that
+#: ``session_dirty = True`` keeps its meaning.
+SESSION = 1
+#: Only currval()/lastval(): the return sends DISCARD SEQUENCES (DISCARD ALL
+#: includes it, so SESSION covers it too).
+SEQUENCES = 2
+
+# A comment, as PostgreSQL reads them: block comments nest (one level here).
+_COMMENT = r"(?:--[^\n]*(?:\n|$)|/\*(?:[^*/]|\*(?!/)|/(?!\*)|/\*.*?\*/)*\*/)"
+_GAP = rf"(?:\s|{_COMMENT})"
+
+# What a statement does, told by its first word (after comments). Group 1:
+# changes the session (SET LOCAL / SET TRANSACTION / SET CONSTRAINTS only last
+# for the transaction). Group 2: can draw from a sequence (a serial or
+# identity default; ALTER TABLE ... ADD COLUMN fills one). COPY (query) can
+# only be TO, and COPY table TO reads. Group 3: can draw from one if it
+# contains an INSERT, a MERGE (a data-modifying CTE) or a DEFAULT; group 4
+# only through UPDATE ... SET col = DEFAULT. See _WRITES.
 _LEADING = re.compile(
-    r"(?:^|;)(?:\s|--[^\n]*(?:\n|$)|/\*.*?\*/)*"
-    r"(?:SET(?!\s+(?:LOCAL|TRANSACTION|CONSTRAINTS)\b)|RESET|DISCARD|LISTEN|PREPARE|DEALLOCATE"
-    r"|DECLARE|LOAD|DO|CALL)\b",
+    rf"(?:^|;){_GAP}*(?:"
+    r"(SET(?!\s+(?:LOCAL|TRANSACTION|CONSTRAINTS)\b)|RESET|DISCARD|LISTEN|PREPARE|DEALLOCATE"
+    r"|DECLARE|LOAD|DO|CALL)"
+    r"|(INSERT|MERGE|ALTER|COPY\s+(?!\()[^;]*?\bFROM)"
+    r"|(WITH)|(UPDATE)"
+    r")\b",
     re.IGNORECASE | re.DOTALL,
 )
-# Session state created anywhere in a statement.
+# Session state created anywhere in a statement. Anything between CREATE and
+# TEMP counts (OR REPLACE, GLOBAL/LOCAL, comments of any depth): a false
+# positive such as CREATE TABLE t (temp int) only costs a DISCARD ALL.
 _ANYWHERE = re.compile(
-    r"CREATE\s+(?:GLOBAL\s+|LOCAL\s+)?TEMP|INTO\s+(?:TEMP|TEMPORARY)\b|\bpg_temp\b"
+    rf"\bCREATE\b[^;]*?\bTEMP(?:ORARY)?\b|\bINTO{_GAP}+TEMP(?:ORARY)?\b|\bpg_temp\b"
     r"|\bset_config\s*\(|advisory_lock(?:_shared)?\s*\(",
-    re.IGNORECASE,
+    re.IGNORECASE | re.DOTALL,
 )
+# A call that sets currval() (and lastval(), for nextval()) anywhere in a statement.
+_DRAWS = re.compile(r"\b(?:nextval|setval)\b\"?\s*\(", re.IGNORECASE)
+# What makes an UPDATE or a WITH statement draw from a sequence.
+_WRITES = re.compile(r"\b(?:INSERT|MERGE|DEFAULT)\b", re.IGNORECASE)
 
 # Parameters the server reports to the client on change (GUC_REPORT), so a
 # changed value is visible without a query. search_path is reported from PG 18.
@@ -75,22 +115,51 @@ _REPORTED = (
 )
 
 
-def changes_session(sql: Any) -> bool:
-    """Return True if executing ``sql`` may change state that outlives the transaction."""
+def session_effects(sql: Any) -> int:
+    """Return what executing ``sql`` may leave in the session: 0, SEQUENCES or SESSION.
+
+    Only the query text is read, before psycopg2 merges the parameters in:
+    the data of a parametrized query can't cause false positives.
+    """
     if isinstance(sql, bytes):
         sql = sql.decode("utf-8", "replace")
     elif not isinstance(sql, str):
         # psycopg2.sql.Composable and the like: we cannot read it cheaply.
-        return True
+        return SESSION
     # Cheap tests first: this runs for every statement. Without a ';' only the
-    # start of the text can begin a statement, and _ANYWHERE can only match
-    # text that contains one of its few words.
-    if _LEADING.match(sql) if ";" not in sql else _LEADING.search(sql):
-        return True
+    # start of the text can begin a statement, and the other patterns can
+    # only match text that contains one of their few words.
+    if ";" not in sql:
+        match = _LEADING.match(sql)
+        kind = (match.lastindex or 0) if match is not None else 0
+    else:
+        # The groups are numbered by precedence: a session change wins.
+        kind = min({match.lastindex or 0 for match in _LEADING.finditer(sql)}, default=0)
+    if kind == 1:
+        return SESSION
     lowered = sql.lower()
-    if "temp" in lowered or "set_config" in lowered or "advisory_lock" in lowered:
-        return bool(_ANYWHERE.search(sql))
-    return False
+    # Each word test scans the whole text (0.3 to 0.6 ns a character, so 2.8
+    # us for five over a 1.4 KB SELECT); the function names are only looked
+    # for in text that calls a function: a '(' is found by memchr (30 ns).
+    calls = "(" in sql
+    if (
+        "temp" in lowered or (calls and ("set_config" in lowered or "advisory_lock" in lowered))
+    ) and _ANYWHERE.search(sql):
+        return SESSION
+    if kind == 2:
+        return SEQUENCES
+    if calls and ("nextval" in lowered or "setval" in lowered) and _DRAWS.search(sql):
+        return SEQUENCES
+    if kind == 3:
+        words = "insert" in lowered or "merge" in lowered or "default" in lowered
+    else:
+        words = kind == 4 and "default" in lowered
+    return SEQUENCES if words and _WRITES.search(sql) else 0
+
+
+def changes_session(sql: Any) -> bool:
+    """Return True if executing ``sql`` may change state that only DISCARD ALL undoes."""
+    return session_effects(sql) == SESSION
 
 
 class TrackingCursor(ext.cursor):
@@ -99,26 +168,48 @@ class TrackingCursor(ext.cursor):
     connection: PooledConnection
 
     def execute(self, query: Any, vars: Any = None) -> None:
-        if self.withhold or changes_session(query):
-            self.connection.session_dirty = True
+        conn = self.connection
+        # Once a DISCARD ALL is due there is nothing more to learn: skip the check.
+        if not conn.session_dirty & SESSION:
+            if self.withhold:
+                conn.session_dirty = SESSION
+            else:
+                effects = session_effects(query)
+                if effects:
+                    conn.session_dirty |= effects
         return super().execute(query, vars)
 
     def executemany(self, query: Any, vars_list: Any) -> None:
-        if changes_session(query):
-            self.connection.session_dirty = True
+        conn = self.connection
+        if not conn.session_dirty & SESSION:
+            effects = session_effects(query)
+            if effects:
+                conn.session_dirty |= effects
         return super().executemany(query, vars_list)
 
     def callproc(self, procname: Any, parameters: Any = None) -> Any:
         # A function can do anything to the session.
-        self.connection.session_dirty = True
+        self.connection.session_dirty = SESSION
         return super().callproc(procname, parameters)
+
+    # COPY FROM only works through these two (execute() refuses it), and it
+    # fills serial and identity defaults like an INSERT.
+    def copy_expert(self, sql: Any, file: Any, *args: Any, **kwargs: Any) -> None:
+        conn = self.connection
+        if not conn.session_dirty & SESSION:
+            conn.session_dirty |= session_effects(sql)
+        return super().copy_expert(sql, file, *args, **kwargs)
+
+    def copy_from(self, *args: Any, **kwargs: Any) -> None:
+        self.connection.session_dirty |= SEQUENCES
+        return super().copy_from(*args, **kwargs)
 
 
 _tracking_subclasses: dict[type, type] = {}
 
 
 def tracking_cursor_class(cursor_class: type) -> type:
-    """Return ``cursor_class`` with session tracking mixed in (cached per class)."""
+    """Return the class ``cursor_class`` with session tracking mixed in (cached per class)."""
     if issubclass(cursor_class, TrackingCursor):
         return cursor_class
     if cursor_class is ext.cursor:
@@ -156,7 +247,8 @@ class PooledConnection(ext.connection):
       a reclaim by one round.
     """
 
-    session_dirty: bool
+    # What the borrower left to undo: 0, or the bits SESSION and SEQUENCES.
+    session_dirty: int
     baseline: Baseline | None
     created_at: float
     expires_at: float
@@ -177,7 +269,7 @@ class PooledConnection(ext.connection):
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
-        self.session_dirty = False
+        self.session_dirty = 0
         self.baseline = None
         self.created_at = self.expires_at = self.returned_at = self.borrowed_at = 0.0
         self.pool_pid = 0
@@ -194,12 +286,28 @@ class PooledConnection(ext.connection):
         # connection's own cursor_factory stays the one the user configured.
         configured: Any = self.cursor_factory
         if len(args) >= 2:
-            args = (args[0], tracking_cursor_class(args[1] or configured or ext.cursor), *args[2:])
+            factory = args[1] or configured or ext.cursor
+            if isinstance(factory, type):
+                args = (args[0], tracking_cursor_class(factory), *args[2:])
+                return super().cursor(*args, **kwargs)
         else:
-            kwargs["cursor_factory"] = tracking_cursor_class(
-                kwargs.get("cursor_factory") or configured or ext.cursor
-            )
-        return super().cursor(*args, **kwargs)
+            factory = kwargs.get("cursor_factory") or configured or ext.cursor
+            if isinstance(factory, type):
+                kwargs["cursor_factory"] = tracking_cursor_class(factory)
+                return super().cursor(*args, **kwargs)
+        # Any callable is a legal factory (psycopg2 calls factory(conn, name)
+        # and checks it made a cursor): it makes the cursor as configured.
+        cur = super().cursor(*args, **kwargs)
+        if not isinstance(cur, TrackingCursor):
+            try:
+                # The same object, now also tracked: allowed between classes
+                # of the same layout, as a subclass that adds only methods.
+                cur.__class__ = tracking_cursor_class(type(cur))
+            except TypeError:
+                # psycopg2's own cursor class (a static type) or a subclass
+                # with __slots__: its statements can't be seen, so assume the worst.
+                self.session_dirty = SESSION
+        return cur
 
 
 @dataclass(frozen=True)
@@ -255,6 +363,70 @@ def _default(value: Any) -> Any:
     return "DEFAULT" if value is None else value
 
 
+# The process that said it last (0: none yet), so that a forked child says it
+# again, once. Guarded by _warned_lock; read without it first (a plain read).
+_typecasters_warned_pid = 0
+_warned_lock = threading.Lock()
+
+
+def _warn_typecasters(conn: PooledConnection, base: Baseline) -> None:
+    """Say once per process why connections with their own typecasters are discarded."""
+    global _typecasters_warned_pid
+    pid = os.getpid()
+    if _typecasters_warned_pid == pid:
+        return
+    with _warned_lock:
+        if _typecasters_warned_pid == pid:
+            return
+        _typecasters_warned_pid = pid
+    casters = conn.string_types
+    added = ", ".join(
+        f"{getattr(casters[oid], 'name', '?')} (oid {oid})"
+        for oid in sorted(casters.keys() - base.typecasters)
+    )
+    logger.warning(
+        "connection to database %r closed at its return instead of being reused: "
+        "typecasters were registered on it (%s), and a connection can't forget them. "
+        "Registered at every borrow (say in a connection_created handler), this opens "
+        "a new connection per request. Register them once for all connections instead: "
+        "psycopg2.extensions.register_type(caster) without the connection argument "
+        "(e.g. in AppConfig.ready()). Logged once per process.",
+        conn.info.dbname,
+        added or "replaced",
+    )
+
+
+def _clear_notices(conn: PooledConnection) -> None:
+    """Hand the next borrower empty plain lists, as a fresh connection has.
+
+    psycopg2 documents replacing them (a ``deque(maxlen=...)``); anything may
+    have been put there (None, an object with ``append()``). The usual list
+    is emptied in place, so the usual return allocates nothing.
+    """
+    notices = conn.notices
+    if type(notices) is list:
+        notices.clear()
+    else:
+        conn.notices = []
+    notifies = conn.notifies
+    if type(notifies) is list:
+        notifies.clear()
+    else:
+        conn.notifies = []
+
+
+def _discard_sequences(conn: PooledConnection) -> None:
+    """Forget currval() and lastval(), in one round trip."""
+    # Outside autocommit psycopg2 would send a BEGIN first (and leave the
+    # transaction open); switching is free while no transaction is open.
+    # reset_session() sets it back to the baseline's.
+    if not conn.autocommit:
+        conn.autocommit = True
+    # Not conn.cursor(): our own statement needs no tracking.
+    with ext.cursor(conn) as cur:
+        cur.execute("DISCARD SEQUENCES")
+
+
 def reset_session(
     conn: PooledConnection,
     always: bool,
@@ -270,6 +442,7 @@ def reset_session(
         return False
     # Client-side state that DISCARD ALL cannot undo: the connection is spoilt.
     if frozenset(conn.string_types) != base.typecasters:
+        _warn_typecasters(conn, base)
         return False
     status = conn.info.transaction_status
     if status in (ext.TRANSACTION_STATUS_ACTIVE, ext.TRANSACTION_STATUS_UNKNOWN):
@@ -283,10 +456,15 @@ def reset_session(
                         cur.execute("ROLLBACK")
                 else:
                     conn.rollback()
+        left = conn.session_dirty
+        notifies = conn.notifies
         dirty = (
             always
-            or conn.session_dirty
-            or bool(conn.notifies)
+            or left & SESSION
+            # Pending notifications mean the session listens (maybe through a
+            # function). A replaced notifies may hide them: assume it does.
+            or type(notifies) is not list
+            or bool(notifies)
             or _session_flags_changed(conn, base)
             or _reported_values(conn, base.parameter_names) != base.parameter_values
         )
@@ -304,14 +482,19 @@ def reset_session(
                         readonly=_default(base.readonly),
                         deferrable=_default(base.deferrable),
                     )
-        elif conn.autocommit != base.autocommit:
-            # Free while no transaction is open: psycopg2 sends nothing.
-            conn.autocommit = base.autocommit
+        else:
+            if left:
+                # Only sequences were drawn from (SEQUENCES): currval() and
+                # lastval() would show the next borrower this one's values.
+                with guard():
+                    _discard_sequences(conn)
+            if conn.autocommit != base.autocommit:
+                # Free while no transaction is open: psycopg2 sends nothing.
+                conn.autocommit = base.autocommit
     except psycopg2.Error:
         return False
     if conn.cursor_factory is not base.cursor_factory:
         conn.cursor_factory = base.cursor_factory
-    conn.session_dirty = False
-    del conn.notices[:]
-    del conn.notifies[:]
+    conn.session_dirty = 0
+    _clear_notices(conn)
     return conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
