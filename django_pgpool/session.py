@@ -81,7 +81,7 @@ _LEADING = re.compile(
     rf"(?:^|;){_GAP}*(?:"
     r"(SET(?!\s+(?:LOCAL|TRANSACTION|CONSTRAINTS)\b)|RESET|DISCARD|LISTEN|PREPARE|DEALLOCATE"
     r"|DECLARE|LOAD|DO|CALL)"
-    r"|(INSERT|MERGE|ALTER|COPY\s+(?!\()[^;]*?\bFROM)"
+    r"|(INSERT|MERGE|ALTER|COPY\b(?!\s*\()[^;]*?\bFROM)"
     r"|(WITH)|(UPDATE)"
     r")\b",
     re.IGNORECASE | re.DOTALL,

@@ -532,6 +532,7 @@ def test_statements_that_change_the_session_are_noticed(sql: str | bytes) -> Non
         "SELECT 1; INSERT INTO t VALUES (1)",
         "COPY t (x) FROM STDIN",
         "copy t from '/tmp/x'",
+        "COPY/* c */t FROM STDIN",
         "MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED THEN INSERT VALUES (s.id)",
         "SELECT nextval('s')",
         "SELECT NEXTVAL ('s')",
