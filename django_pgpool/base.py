@@ -81,11 +81,6 @@ def _json_passthrough(value: Any) -> Any:
     return value
 
 
-def _escape_startup_value(value: str) -> str:
-    """Escape a value for libpq's ``options`` (backslash before spaces and backslashes)."""
-    return value.replace("\\", "\\\\").replace(" ", "\\ ")
-
-
 def _prepare_new_connection(conn: PooledConnection, isolation_level: int | None) -> None:
     """Do once per physical connection what Django does on every connect."""
     if isolation_level is not None:
@@ -124,6 +119,7 @@ class _BorrowPlan:
     signature: tuple[Any, ...] = field(repr=False)
     params: dict[str, Any] = field(repr=False)
     options: PoolOptions
+    session_settings: dict[str, str]
     pool: ConnectionPool | None = None
 
 
@@ -221,7 +217,9 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
             options = self.pool_options()
             params = self._pooled_connection_params(options)
             frozen = (*signature[:-1], copy.deepcopy(signature[-1]))
-            plan = self._pgpool_plan = _BorrowPlan(frozen, params, options)
+            plan = self._pgpool_plan = _BorrowPlan(
+                frozen, params, options, self._session_settings()
+            )
         return plan
 
     def get_connection_params(self) -> dict[str, Any]:
@@ -238,15 +236,6 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
 
     def _pooled_connection_params(self, options: PoolOptions) -> dict[str, Any]:
         params = self._libpq_params()
-        # Give the session its time zone and role at connect time: Django then
-        # finds nothing to SET at each borrow, and DISCARD ALL keeps them.
-        startup = []
-        if self.timezone_name:
-            startup.append(f"-c TimeZone={_escape_startup_value(self.timezone_name)}")
-        if role := self.settings_dict["OPTIONS"].get("assume_role"):
-            startup.append(f"-c role={_escape_startup_value(str(role))}")
-        if startup:
-            params["options"] = " ".join([params.get("options", ""), *startup]).strip()
         params["application_name"] = application_name(
             self.alias, params.get("application_name") or os.environ.get("PGAPPNAME")
         )
@@ -258,6 +247,21 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
         for key, value in TCP_KEEPALIVE_DEFAULTS.items():
             params.setdefault(key, value)
         return params
+
+    def _session_settings(self) -> dict[str, str]:
+        """Return what every pooled session is given when it is opened.
+
+        The time zone and the role: Django then finds nothing to SET at each
+        borrow. The pool gives them at connect time (libpq ``options``, which
+        DISCARD ALL keeps), or with SET right after connecting behind a
+        pooler that refuses ``options`` (PgBouncer before 1.20).
+        """
+        settings = {}
+        if self.timezone_name:
+            settings["TimeZone"] = self.timezone_name
+        if role := self.settings_dict["OPTIONS"].get("assume_role"):
+            settings["role"] = str(role)
+        return settings
 
     def _isolation_level(self) -> int | None:
         """Set and return the isolation level from OPTIONS, as Django's get_new_connection."""
@@ -288,6 +292,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):
                 plan.options,
                 configure=lambda conn: _prepare_new_connection(conn, isolation_level),
                 extra_key=(isolation_level,),
+                session_settings=plan.session_settings,
             )
             if conn_params == plan.params:
                 plan.pool = pool

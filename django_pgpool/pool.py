@@ -76,6 +76,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions as ext
 import psycopg2.pool
+from psycopg2 import sql
 
 from . import forking, maintenance
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
@@ -291,6 +292,11 @@ class _Reservation:
         self.since = time.monotonic()
 
 
+def _escape_startup_value(value: str) -> str:
+    """Escape a value for libpq's ``options`` (backslash before spaces and backslashes)."""
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
 def _worth_retrying(exc: psycopg2.OperationalError) -> bool:
     """Return True if a failed connect may succeed in a moment (refused, starting
     up, no writable host yet), False if it can't (password, database, role)."""
@@ -360,7 +366,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     are keyword-only. Connections are opened lazily, never in ``__init__``.
     ``credentials``, if given, is called before every new connection and
     returns connect parameters that override ``kwargs`` for it (a password
-    that rotates).
+    that rotates). ``session_settings`` are settings (``{"TimeZone": "UTC"}``)
+    every session gets when it is opened.
     """
 
     def __init__(
@@ -379,6 +386,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         leak_timeout: float | None = None,
         configure: Callable[[PooledConnection], None] | None = None,
         credentials: Callable[[], Mapping[str, Any]] | None = None,
+        session_settings: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         # psycopg2's __init__ is not called: it opens minconn connections at
@@ -406,6 +414,13 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         # Called for every new connection, its result never kept: a rotating
         # password is never cached, logged or part of the pool's identity.
         self._credentials = credentials
+        # Given to every new session: in libpq's ``options`` (free, and kept by
+        # DISCARD ALL), or, once a server refused or ignored them there (a
+        # pooler: PgBouncer before 1.20), with SET after connecting, replayed
+        # after each DISCARD ALL. A plain bool, read without the lock: a
+        # stale read costs one refused connect.
+        self._session_settings = dict(session_settings or {})
+        self._settings_by_set = False
 
         factory = kwargs.get("connection_factory") or PooledConnection
         if not issubclass(factory, PooledConnection):
@@ -803,9 +818,12 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             kwargs = self._kwargs
             if self._credentials is not None:
                 kwargs = {**kwargs, **self._fresh_credentials()}
-            with _fork_gate.connecting():
-                conn: PooledConnection = psycopg2.connect(*self._args, **kwargs)
+            conn = self._connect_with_settings(kwargs)
             try:
+                if self._session_settings and (
+                    self._settings_by_set or not self._settings_took(conn)
+                ):
+                    self._set_session_settings(conn)
                 if self._configure is not None:
                     self._configure(conn)
                 if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
@@ -828,6 +846,61 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             self._stats[CONNECTIONS_MS] += int((now - started) * 1000)
         self._log(logging.DEBUG, "connection opened in %.1f ms", (now - started) * 1000)
         return conn
+
+    def _connect_with_settings(self, kwargs: dict[str, Any]) -> PooledConnection:
+        """Connect, giving the session settings in libpq's ``options`` unless the
+        server refuses that startup parameter (then once more, without)."""
+        if self._session_settings and not self._settings_by_set:
+            given = " ".join(
+                f"-c {name}={_escape_startup_value(value)}"
+                for name, value in self._session_settings.items()
+            )
+            with_settings = {**kwargs, "options": f"{kwargs.get('options', '')} {given}".strip()}
+            try:
+                with _fork_gate.connecting():
+                    conn: PooledConnection = psycopg2.connect(*self._args, **with_settings)
+                return conn
+            except psycopg2.OperationalError as exc:
+                if "unsupported startup parameter: options" not in str(exc):
+                    raise
+                self._switch_to_set("refuses the startup parameter 'options'")
+        with _fork_gate.connecting():
+            conn = psycopg2.connect(*self._args, **kwargs)
+        return conn
+
+    def _settings_took(self, conn: PooledConnection) -> bool:
+        """Return False if a setting given in ``options`` didn't reach the session
+        (a pooler told to ignore ``options``). Free: the time zone is reported."""
+        wanted = self._session_settings.get("TimeZone")
+        if wanted is None or conn.info.parameter_status("TimeZone") == wanted:
+            return True
+        self._switch_to_set("ignored the time zone given in 'options'")
+        return False
+
+    def _switch_to_set(self, why: str) -> None:
+        if not self._settings_by_set:
+            self._settings_by_set = True
+            self._log(
+                logging.INFO,
+                "the server (a pooler?) %s: session settings are given with SET after "
+                "connecting from now on (one round trip per new connection)",
+                why,
+            )
+
+    def _set_session_settings(self, conn: PooledConnection) -> None:
+        """Give the session its settings with SET (one round trip), and keep the
+        statement on the connection for the reset to replay after DISCARD ALL."""
+        statement = sql.SQL(" ").join(
+            sql.SQL("SET {} TO {};").format(sql.Identifier(name), sql.Literal(value))
+            for name, value in self._session_settings.items()
+        )
+        setup = statement.as_string(conn)
+        # A plain cursor: part of the connection's baseline, not a borrower's change.
+        with ext.cursor(conn) as cur:
+            cur.execute(setup)
+        if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+            conn.commit()
+        conn.session_setup = setup
 
     def _fresh_credentials(self) -> Mapping[str, Any]:
         """Call the credentials callable; raise PoolError naming it and the cause."""

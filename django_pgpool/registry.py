@@ -80,11 +80,14 @@ def get_pool(
     alias: str,
     params: dict[str, Any],
     options: PoolOptions,
+    *,
     configure: Callable[[PooledConnection], None] | None = None,
     extra_key: tuple[Any, ...] = (),
+    session_settings: dict[str, str] | None = None,
 ) -> ConnectionPool:
     """Return this process's pool for these connect parameters, creating it lazily."""
-    key = (os.getpid(), _digest(params, (options, extra_key)))
+    settings = session_settings or {}
+    key = (os.getpid(), _digest(params, (options, extra_key, sorted(settings.items()))))
     entry = _pools.get(key)  # dict reads are atomic: the common case takes no lock
     if entry is None or alias not in entry.aliases:
         tell: list[Callable[[], None]] = []
@@ -97,6 +100,7 @@ def get_pool(
                 pool = ConnectionPool(
                     name=f"database {alias!r}",
                     configure=configure,
+                    session_settings=settings,
                     **options.as_dict(),
                     **params,
                 )

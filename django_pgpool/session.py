@@ -266,6 +266,10 @@ class PooledConnection(ext.connection):
     # The number of the loan it is lent under (0 while not lent): written by
     # the pool under its lock (see pool.py, "Slots, loans and reservations").
     loan: int
+    # The SETs the pool gave this session after connecting, because the server
+    # (a pooler) wouldn't take them in libpq's options; None when it took
+    # them there. Set once by the opening thread; the reset replays it.
+    session_setup: str | None
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
@@ -280,6 +284,7 @@ class PooledConnection(ext.connection):
         self.shared = None
         self.reclaimed = False
         self.loan = 0
+        self.session_setup = None
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         # Track through a subclass of the class the cursor would have had; the
@@ -427,6 +432,28 @@ def _discard_sequences(conn: PooledConnection) -> None:
         cur.execute("DISCARD SEQUENCES")
 
 
+# DISCARD ALL as PostgreSQL documents it, statement by statement: unlike
+# DISCARD ALL itself these can share a query (one round trip) with the SETs
+# that follow (DISCARD ALL refuses a transaction block, and a query of
+# several statements is one).
+_DISCARD_ALL_IN_PARTS = (
+    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; "
+    "SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; DISCARD SEQUENCES; "
+)
+
+
+def _discard_all_and_replay(conn: PooledConnection, setup: str) -> None:
+    """DISCARD ALL, then give the session its settings again, in one round trip.
+
+    reset_session() then sets psycopg2's client-side flags back to the
+    baseline's, as after conn.reset().
+    """
+    if not conn.autocommit:
+        conn.autocommit = True  # free: no transaction is open here
+    with ext.cursor(conn) as cur:  # our own statement needs no tracking
+        cur.execute(_DISCARD_ALL_IN_PARTS + setup)
+
+
 def reset_session(
     conn: PooledConnection,
     always: bool,
@@ -470,10 +497,16 @@ def reset_session(
         )
         if dirty:
             with guard():
-                # ABORT (if psycopg2 opened a transaction) + DISCARD ALL; session
-                # defaults given at connect time (libpq options) survive it. It
-                # also sets the client-side flags back to psycopg2's defaults.
-                conn.reset()
+                if conn.session_setup:
+                    # Settings given with SET after connecting (behind a pooler)
+                    # don't survive DISCARD ALL: given again in the same query.
+                    _discard_all_and_replay(conn, conn.session_setup)
+                else:
+                    # ABORT (if psycopg2 opened a transaction) + DISCARD ALL;
+                    # settings given at connect time (libpq options) survive it.
+                    # It also sets the client-side flags back to psycopg2's
+                    # defaults.
+                    conn.reset()
                 if conn.autocommit != base.autocommit:
                     conn.autocommit = base.autocommit
                 if _session_flags_changed(conn, base):
