@@ -14,6 +14,22 @@ per-host status directory (the prometheus_client multiprocess pattern):
   a round, and reconnects its pools of that alias (idle connections close
   now, borrowed ones at return). A process adopts the generations current
   when it starts, so it never acts on an old request.
+* ``pause.json``: per alias, the pause state that ``poolpause`` and
+  ``poolresume`` write, ``{"generation": int, "paused_since": float | null}``
+  (``paused_since``: Unix time of the pause, null once resumed). The
+  generation grows at each of their writes. Once a round, and at once for
+  each pool created, each process brings the pools of a paused alias to
+  ``pause()`` and, at a new generation, those of a resumed one to
+  ``resume()``; it publishes the generations it applied (``pause_seen``),
+  so that the commands can tell an answer from an older snapshot. Unlike a
+  reconnect request, a pause is a state: a process that starts while an
+  alias is paused adopts it, and its pools lend nothing until
+  ``poolresume``.
+
+The commands read-modify-write ``reconnect.json`` and ``pause.json`` under
+an exclusive ``flock()`` of ``.lock`` in the directory, so that two of them
+at once lose no request; readers need no lock (the files are replaced
+atomically).
 
 The directory holds no secret (no password, no connect string) and is
 created owner-only (0700). It is ``settings.PGPOOL_STATUS_DIR``, else the
@@ -34,7 +50,10 @@ with a doubling delay up to a minute, and says once when it works again
 
 Lock discipline: ``_lock`` guards ``_published``, ``_seen_generations`` and
 ``_health``; only the maintenance thread writes snapshots, commands only read
-them.
+them. ``_pause_lock`` guards ``_pause_seen`` and ``_pause_applied`` and is
+held while pools are paused or resumed: the maintenance thread and a thread
+that just created a pool may both apply the pause state, and the later read
+of the file must be the last applied.
 """
 
 from __future__ import annotations
@@ -42,6 +61,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -49,6 +69,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,21 +83,32 @@ from .identity import HOSTNAME
 __all__ = [
     "HOSTNAME",
     "describe_failure",
+    "pause_seen",
     "publish",
+    "read_pause_state",
     "read_reconnect_generations",
     "read_snapshots",
+    "request_pause",
     "request_reconnect",
     "start_publishing",
     "status_dir",
 ]
 
 RECONNECT_FILE = "reconnect.json"
+PAUSE_FILE = "pause.json"
+_LOCK_FILE = ".lock"
 _SNAPSHOT_NAME = re.compile(r"^(\d+)\.json$")
 
 _lock = threading.Lock()
 _published: dict[str, Any] = {"pid": 0, "body": None, "path": None}
 _seen_generations: dict[str, int] | None = None
 _seen_mtime: float | None = None
+
+_pause_lock = threading.Lock()
+# The pause generation of each alias last applied to this process's pools.
+_pause_seen: dict[str, int] = {}
+# Per pool (registry key): the (alias, generation) pairs last applied to it.
+_pause_applied: dict[tuple[int, str], tuple[tuple[str, int], ...]] = {}
 
 
 #: The fix every status-directory message ends with.
@@ -197,9 +229,14 @@ def snapshot() -> dict[str, Any]:
 
 
 def publish() -> None:
-    """Write this process's snapshot if it changed; act on reconnect requests."""
+    """Write this process's snapshot if it changed; act on reconnect and pause requests."""
     _act_on_reconnect_requests()
-    body = {**snapshot(), "reconnect_seen": dict(_seen_generations or {})}
+    _apply_pause_state()
+    body = {
+        **snapshot(),
+        "reconnect_seen": dict(_seen_generations or {}),
+        "pause_seen": pause_seen(),
+    }
     pid = os.getpid()
     with _lock:
         if _published["pid"] == pid and _published["body"] == body:
@@ -223,11 +260,15 @@ def _remove_own_snapshot(pid: int, path: Path) -> None:
 def start_publishing() -> None:
     """Publish from the maintenance thread from now on (idempotent).
 
+    Called after each pool this process creates, before it lends anything.
     The reconnect requests made before now were for other processes (or
-    this one's parent): adopt them, so that any later one is acted on.
+    this one's parent): adopt them, so that any later one is acted on. A
+    pause is a state: a pool of a paused alias is paused now.
     """
     with contextlib.suppress(ImproperlyConfigured, OSError):
         _act_on_reconnect_requests()
+    with contextlib.suppress(ImproperlyConfigured, OSError):
+        _apply_pause_state()
     maintenance.add_hook(_publish_quietly)
 
 
@@ -347,13 +388,76 @@ def _read_generations(path: Path) -> dict[str, int]:
     return {str(k): int(v) for k, v in data.items()}
 
 
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Hold the status directory's write lock (one command's read-modify-write at a time)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(directory / _LOCK_FILE, flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def request_reconnect(aliases: list[str]) -> dict[str, int]:
     """Ask every process on this host to reconnect these aliases; return the new generations."""
-    generations = read_reconnect_generations()
-    for alias in aliases:
-        generations[alias] = generations.get(alias, 0) + 1
-    _write_atomically(status_dir() / RECONNECT_FILE, json.dumps(generations, sort_keys=True))
+    directory = status_dir()
+    with _exclusive(directory):
+        generations = _read_generations(directory / RECONNECT_FILE)
+        for alias in aliases:
+            generations[alias] = generations.get(alias, 0) + 1
+        _write_atomically(directory / RECONNECT_FILE, json.dumps(generations, sort_keys=True))
     return {alias: generations[alias] for alias in aliases}
+
+
+def read_pause_state() -> dict[str, dict[str, Any]]:
+    """Return the pause state of each alias ever paused on this host, as in ``pause.json``."""
+    return _read_pause_state(status_dir() / PAUSE_FILE)
+
+
+def _read_pause_state(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    state: dict[str, dict[str, Any]] = {}
+    if not isinstance(data, dict):
+        return state
+    for alias, entry in data.items():
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            since = entry.get("paused_since")
+            state[str(alias)] = {
+                "generation": int(entry["generation"]),
+                "paused_since": None if since is None else float(since),
+            }
+    return state
+
+
+def request_pause(
+    aliases: list[str], paused: bool
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Pause (or resume) these aliases in every process on this host, from the next round.
+
+    Return the state each alias had before, and the state written. Pausing a
+    paused alias keeps the time it was paused.
+    """
+    directory = status_dir()
+    path = directory / PAUSE_FILE
+    with _exclusive(directory):
+        state = _read_pause_state(path)
+        before = {
+            alias: state.get(alias, {"generation": 0, "paused_since": None}) for alias in aliases
+        }
+        now = time.time()
+        for alias in aliases:
+            since = before[alias]["paused_since"]
+            state[alias] = {
+                "generation": before[alias]["generation"] + 1,
+                "paused_since": (since or now) if paused else None,
+            }
+        _write_atomically(path, json.dumps(state, sort_keys=True))
+    return before, {alias: state[alias] for alias in aliases}
 
 
 def _act_on_reconnect_requests() -> None:
@@ -376,12 +480,66 @@ def _act_on_reconnect_requests() -> None:
             entry.pool.reconnect()
 
 
+def pause_seen() -> dict[str, int]:
+    """Return the pause generation of each alias this process has applied."""
+    with _pause_lock:
+        return dict(_pause_seen)
+
+
+def _apply_pause_state() -> None:
+    """Bring this process's pools to the host's pause state (``pause.json``).
+
+    A pool is paused while one of its aliases is; a pool already known is
+    changed only when a generation of its aliases moved (so that a pool
+    paused or resumed from Python keeps its state until the next command);
+    a new pool is paused if one of its aliases is, and otherwise left alone.
+    """
+    path = status_dir() / PAUSE_FILE
+    with _pause_lock:
+        state = _read_pause_state(path)
+        live = registry.entries()
+        for entry in live:
+            applied = tuple(
+                sorted(
+                    (alias, state[alias]["generation"]) for alias in entry.aliases if alias in state
+                )
+            )
+            paused = [
+                alias for alias in sorted(entry.aliases) if state.get(alias, {}).get("paused_since")
+            ]
+            known = _pause_applied.get(entry.key)
+            if known == applied:
+                continue
+            _pause_applied[entry.key] = applied
+            if paused and entry.pool.paused_since is None:
+                if known is None:
+                    maintenance.logger.warning(
+                        "django_pgpool: pool %s created while database %s is paused on this "
+                        "host (manage.py poolpause, %s): it lends nothing until manage.py "
+                        "poolresume",
+                        entry.pool.name,
+                        ", ".join(repr(alias) for alias in paused),
+                        time.ctime(state[paused[0]]["paused_since"]),
+                    )
+                entry.pool.pause()
+            elif not paused and known is not None and entry.pool.paused_since is not None:
+                entry.pool.resume()
+        keys = {entry.key for entry in live}
+        for key in [key for key in _pause_applied if key not in keys]:
+            del _pause_applied[key]
+        _pause_seen.clear()
+        _pause_seen.update({alias: info["generation"] for alias, info in state.items()})
+
+
 def _after_fork_in_child() -> None:
     # The child publishes its own snapshot and keeps the reconnect
     # generations it inherited (requests older than it were for its parent).
-    # It says for itself whether its status directory works.
-    global _lock, _health
+    # It says for itself whether its status directory works. Its pools are
+    # new ones (the registry forgets the parent's).
+    global _lock, _health, _pause_lock
     _lock = threading.Lock()
+    _pause_lock = threading.Lock()
+    _pause_applied.clear()
     _published.update(pid=0, body=None, path=None)
     _health = _Health()
 

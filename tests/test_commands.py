@@ -1,4 +1,5 @@
-"""The poolstatus and poolclose management commands, in this process, on the real server.
+"""The management commands (poolstatus, poolclose, poolpause, poolresume), in this process,
+on the real server.
 
 Other processes are stood in for here by snapshot files of live processes
 and by plain sessions carrying a pool's application_name tag (as a pool on
@@ -76,6 +77,7 @@ POOL_SHAPE: dict[Any, Any] = {
     "oldest_checkout": Nullable({"age_s": NUMBER, "thread": Nullable(str)}),
     "retired_in_use": int,
     "wait_buckets": [int],
+    "paused_since": Nullable(NUMBER),
     ...: object,  # any figure the pool adds later
 }
 COUNTS: dict[str, Any] = dict.fromkeys(
@@ -96,12 +98,14 @@ STATUS_SHAPE = {
                 "USER": str,
                 "OPTIONS": MapOf((int, float, str, bool, type(None))),
             },
+            "pause": {"generation": int, "paused_since": Nullable(NUMBER)},
             "processes": [
                 {
                     "pid": int,
                     "host": str,
                     "updated": Nullable(NUMBER),
                     "reconnect_seen": int,
+                    "pause_seen": int,
                     "pools": [POOL_SHAPE],
                 }
             ],
@@ -178,6 +182,7 @@ def host_table(output: str) -> list[dict[str, str]]:
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if re.match(r"alias\s+database\s+pid\s", line))
     headings = ["alias", "database", "pid", "size", "idle", "in_use", "waiting", "max_wait"]
+    headings += ["paused"]
     headings += ["requests", "waits", "timeouts", "errors", "opened", "closed", "lost"]
     headings += ["expired", "oldest_checkout"]
     rows = []
@@ -775,7 +780,7 @@ def test_poolclose_refuses_options_that_do_not_go_together(args: list[str], mess
 
 
 @pytest.mark.parametrize("fault", ["a file in its place", "below a file"])
-@pytest.mark.parametrize("command", ["poolstatus", "poolclose"])
+@pytest.mark.parametrize("command", ["poolstatus", "poolclose", "poolpause", "poolresume"])
 def test_a_failing_status_directory_is_a_command_error_naming_it_and_the_fix(
     tmp_path: Path, settings: Settings, fault: str, command: str
 ) -> None:
@@ -787,6 +792,106 @@ def test_a_failing_status_directory_is_a_command_error_naming_it_and_the_fix(
         run(command)
     assert str(where) in str(failure.value)
     assert "PGPOOL_STATUS_DIR" in str(failure.value)
+
+
+# -- poolpause and poolresume, in this process --------------------------------------
+
+
+@pytest.fixture
+def resume_all() -> Iterator[None]:
+    """Resume every alias this test paused, whatever happened."""
+    yield
+    paused = [alias for alias, s in status.read_pause_state().items() if s["paused_since"]]
+    if paused:
+        call_command(
+            "poolresume", *(f"--database={alias}" for alias in paused), stdout=io.StringIO()
+        )
+
+
+@pytest.mark.django_db(databases=["default", "other"], transaction=True)
+@pytest.mark.usefixtures("no_pool_for_other", "resume_all")
+def test_a_pool_created_while_its_alias_is_paused_is_paused_before_its_first_borrow() -> None:
+    name = connections["other"].settings_dict["NAME"]
+    wait_for(lambda: not tagged_pids(name, "other"))
+    assert run("poolpause", "--database", "other", "--wait", "5") == (
+        f"Paused database 'other' on host {HOSTNAME}; no process has a pool of it now "
+        "(processes that start meanwhile are paused too, until poolresume).\n"
+    )
+    served: list[float] = []
+
+    def borrow() -> None:
+        started = time.monotonic()
+        try:
+            with connections["other"].cursor() as cursor:
+                cursor.execute("SELECT 1")
+            served.append(time.monotonic() - started)
+        finally:
+            connections["other"].close()
+
+    borrower = threading.Thread(target=borrow, name="late-borrower")
+    borrower.start()
+    try:
+        wait_for(lambda: registry.entries("other"), what="the pool of 'other' created")
+        (entry,) = registry.entries("other")
+        wait_for(lambda: entry.pool.get_stats()["requests_waiting"] == 1, what="it waits")
+        time.sleep(1.5)  # a maintenance round or more
+        assert entry.pool.paused_since is not None
+        assert entry.pool.get_stats()["pool_size"] == 0
+        assert not tagged_pids(name, "other")  # not even minconn was opened
+        assert served == []
+        (pool,) = own_process(status_json("--database", "other"), "other")["pools"]
+        assert pool["paused_since"] == entry.pool.paused_since
+        assert pool["requests_waiting"] == 1
+
+        out = run("poolresume", "--database", "other", "--wait", "5")
+    finally:
+        borrower.join(10)
+
+    assert len(served) == 1 and 1.5 < served[0] < 5  # served after the resume, in its timeout
+    asked, was, done = out.splitlines()
+    assert asked == (
+        f"Asked 1 process on host {HOSTNAME} to resume database 'other' (pids {os.getpid()}): "
+        "the borrowers waiting are served first, within about a second, on new connections."
+    )
+    assert re.fullmatch(
+        rf"Database 'other' was paused on host {re.escape(HOSTNAME)} since "
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+, \d+\.\d s ago\.",
+        was,
+    )
+    assert re.fullmatch(r"Database 'other': every process has resumed \(\d+\.\d s\)\.", done)
+    assert entry.pool.paused_since is None
+
+
+@pytest.mark.usefixtures("no_pool_for_other", "resume_all")
+def test_the_pause_state_is_kept_by_alias_with_a_generation_and_since_when() -> None:
+    before = status.read_pause_state().get("other", {"generation": 0})["generation"]
+    run("poolpause", "--database", "other")
+    first = status.read_pause_state()["other"]
+    run("poolpause", "--database", "other")  # again: still paused since the first time
+    again = status.read_pause_state()["other"]
+    out = run("poolpause", "--database", "other")
+    run("poolresume", "--database", "other")
+    resumed = status.read_pause_state()["other"]
+    out_resumed = run("poolresume", "--database", "other")
+
+    assert first["generation"] == before + 1 and first["paused_since"] is not None
+    assert again == {"generation": before + 2, "paused_since": first["paused_since"]}
+    assert f"Database 'other' is paused on host {HOSTNAME} since " in out
+    assert resumed == {"generation": before + 4, "paused_since": None}
+    assert out_resumed == (
+        f"Database 'other' was not paused on host {HOSTNAME}; no process has a pool of it now: "
+        "nothing to resume.\n"
+    )
+    document = json.loads((status.status_dir() / status.PAUSE_FILE).read_text())
+    assert document["other"] == {"generation": before + 5, "paused_since": None}
+
+
+@pytest.mark.parametrize("command", ["poolpause", "poolresume"])
+def test_poolpause_and_poolresume_refuse_unknown_databases_and_bad_waits(command: str) -> None:
+    with pytest.raises(CommandError, match="unknown database 'nope'"):
+        run(command, "--database", "nope")
+    with pytest.raises(CommandError, match=re.escape("--wait: must be a number of seconds >= 0")):
+        run(command, "--wait", "-1")
 
 
 # -- poolclose --kill: the server-side way ---------------------------------------

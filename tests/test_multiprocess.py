@@ -1,4 +1,4 @@
-"""poolstatus and poolclose seeing and steering real worker processes.
+"""poolstatus, poolclose, poolpause and poolresume seeing and steering real worker processes.
 
 testproject runs under gunicorn (2 gthread workers) and under uvicorn (ASGI,
 2 workers); a client process sends them a bounded load on loopback
@@ -34,6 +34,7 @@ from tests.helpers import (
     start_python,
     wait_for,
 )
+from tests.pgserver import ThrowawayServer
 from tests.test_commands import STATUS_SHAPE, check_shape, host_table
 
 WORKERS = 2
@@ -518,4 +519,293 @@ def test_poolclose_kill_makes_both_gunicorn_workers_replace_idle_connections(
             == lost + len(old)
         ),
         what="the workers counted the lost connections",
+    )
+
+
+# -- poolpause and poolresume --------------------------------------------------------
+
+# A process with a pool of testproject's database: it borrows a connection (its
+# pool's first borrow), holds it HOLD seconds, returns it, and lives on with its
+# pool until killed. Each step is a JSON line in OUT: what it waited for, when.
+HOLDER = r"""
+import json, sys, time
+import django
+
+django.setup()
+from django.db import connection
+
+hold, out = float(sys.argv[1]), sys.argv[2]
+
+
+def say(**event):
+    with open(out, "a") as handle:
+        handle.write(json.dumps({**event, "at": time.time()}) + "\n")
+
+
+say(step="started")
+started = time.monotonic()
+with connection.cursor() as cursor:
+    cursor.execute("SELECT pg_backend_pid()")
+    say(step="borrowed", waited=time.monotonic() - started, backend=cursor.fetchone()[0])
+time.sleep(hold)
+connection.close()  # back to the pool
+say(step="returned")
+time.sleep(120)
+"""
+
+# The write load: THREADS threads POST /api/products/<pk>/buy/ (one row locked
+# and updated in a transaction) until STOP_FILE exists. Prints one JSON line.
+BUYER = r"""
+import json, os, sys, threading, time, urllib.request
+
+url, stop_file, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+lock = threading.Lock()
+bought, errors, slowest = 0, [], 0.0
+
+
+def work():
+    global bought, slowest
+    while not os.path.exists(stop_file):
+        started = time.monotonic()
+        try:
+            request = urllib.request.Request(url, data=b"", method="POST")
+            with opener.open(request, timeout=30) as response:
+                assert response.status == 200, response.status
+                json.loads(response.read())
+            with lock:
+                bought += 1
+                slowest = max(slowest, time.monotonic() - started)
+        except Exception as exc:
+            with lock:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+
+pool = [threading.Thread(target=work) for _ in range(threads)]
+for thread in pool:
+    thread.start()
+for thread in pool:
+    thread.join()
+print(json.dumps({"bought": bought, "failed": len(errors), "errors": errors[:5],
+                  "slowest": slowest}))
+"""
+
+
+@pytest.fixture
+def pause_project(tmp_path: Path) -> Iterator[Project]:
+    yield from make_project("multiprocess_pause", tmp_path)
+
+
+class Holder:
+    """A HOLDER process of ``project``, started now."""
+
+    def __init__(self, project: Project, hold: float, tmp_path: Path, name: str) -> None:
+        self.out = tmp_path / f"{name}.jsonl"
+        args = ["-c", HOLDER, str(hold), str(self.out)]
+        self.proc = start_python(args, project.environ, tmp_path / f"{name}.log")
+        self.pid = self.proc.pid
+
+    def events(self) -> dict[str, dict[str, Any]]:
+        if not self.out.exists():
+            return {}
+        lines = self.out.read_text().splitlines()
+        return {event["step"]: event for event in map(json.loads, lines)}
+
+    def wait_for(self, step: str, timeout: float = 20) -> dict[str, Any]:
+        wait_for(
+            lambda: step in self.events() or self.proc.poll() is not None,
+            timeout,
+            what=f"holder {self.pid} {step}",
+        )
+        assert step in self.events(), f"holder exited {self.proc.returncode}"
+        return self.events()[step]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def holders() -> Iterator[list[Holder]]:
+    started: list[Holder] = []
+    yield started
+    for holder in started:
+        holder.stop()
+
+
+def published_pool(project: Project, pid: int) -> dict[str, Any] | None:
+    return project.snapshots().get(pid)
+
+
+def test_poolpause_wait_waits_until_another_process_returns_its_connection(
+    pause_project: Project, holders: list[Holder], tmp_path: Path
+) -> None:
+    holder = Holder(pause_project, 2.5, tmp_path, "holder")
+    holders.append(holder)
+    borrowed = holder.wait_for("borrowed")
+    wait_for(lambda: published_pool(pause_project, holder.pid), what="the holder publishes")
+
+    started = time.monotonic()
+    out = pause_project.manage("poolpause", "--wait", "15").stdout
+    took = time.monotonic() - started
+
+    returned = holder.events()["returned"]
+    asked, done = out.splitlines()
+    assert asked == (
+        f"Asked 1 process on host {HOSTNAME} to pause database 'default' (pids {holder.pid}): "
+        "they lend no connection until poolresume (borrowers wait, up to their timeout), idle "
+        "connections close within about a second, connections in use when they are returned."
+    )
+    assert re.fullmatch(
+        r"Database 'default': every process is paused, with no connection left \(\d+\.\d s\)\.",
+        done,
+    )
+    # It waited for the connection held 2.5 s, and returned soon after it came back.
+    assert returned["at"] - borrowed["at"] >= 2.5
+    assert took >= 1.0
+    assert not tagged_sessions(pause_project.database)  # nothing of the pool's on the server
+    pool = published_pool(pause_project, holder.pid)
+    assert pool is not None and pool["paused_since"] is not None and pool["pool_size"] == 0
+    print(f"\npoolpause --wait returned in {took:.2f} s, the connection held 2.5 s")
+
+    out = pause_project.manage("poolresume", "--wait", "10").stdout
+    assert out.splitlines()[-1].startswith("Database 'default': every process has resumed (")
+    wait_for(lambda: tagged_sessions(pause_project.database), what="minconn refilled")
+
+
+def test_poolpause_wait_times_out_naming_the_process_that_holds_a_connection(
+    pause_project: Project, holders: list[Holder], tmp_path: Path
+) -> None:
+    holder = Holder(pause_project, 60, tmp_path, "holder")
+    holders.append(holder)
+    holder.wait_for("borrowed")
+    wait_for(lambda: published_pool(pause_project, holder.pid), what="the holder publishes")
+
+    started = time.monotonic()
+    proc = pause_project.manage("poolpause", "--wait", "2", check=False)
+    took = time.monotonic() - started
+
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"CommandError: after 2.0 s, these processes on host {HOSTNAME} still hold connections "
+        f"of database 'default': pid {holder.pid} (1 connection open, 1 in use). The pause "
+        "stays: the connections close when they are returned; run poolpause --wait again to "
+        "wait longer, or poolresume to lend again\n"
+    )
+    assert 2.0 <= took < 10
+    # Paused, its idle connection (minconn) closed, the borrowed one kept by its borrower.
+    pool = published_pool(pause_project, holder.pid)
+    assert pool is not None and pool["paused_since"] is not None
+    assert (pool["pool_size"], pool["pool_in_use"]) == (1, 1)
+    out = pause_project.manage("poolresume").stdout
+    assert out.startswith(f"Asked 1 process on host {HOSTNAME} to resume database 'default' ")
+
+
+def test_a_process_started_while_paused_lends_nothing_until_poolresume(
+    pause_project: Project, holders: list[Holder], tmp_path: Path
+) -> None:
+    out = pause_project.manage("poolpause", "--wait").stdout
+    assert out == (
+        f"Paused database 'default' on host {HOSTNAME}; no process has a pool of it now "
+        "(processes that start meanwhile are paused too, until poolresume).\n"
+    )
+    state = json.loads((pause_project.status_dir / "pause.json").read_text())
+    assert set(state) == {"default"}
+    assert state["default"]["generation"] >= 1
+    assert time.time() - 30 < state["default"]["paused_since"] <= time.time()
+
+    holder = Holder(pause_project, 0, tmp_path, "late")
+    holders.append(holder)
+    holder.wait_for("started")
+    # Its borrow waits: the pool was paused when it was created, before lending.
+    wait_for(
+        lambda: (published_pool(pause_project, holder.pid) or {}).get("requests_waiting") == 1,
+        what="the late process waits for a connection",
+    )
+    time.sleep(1.5)
+    assert "borrowed" not in holder.events()
+    assert not tagged_sessions(pause_project.database)  # it opened none
+    document = pause_project.poolstatus()
+    info = document["databases"]["default"]
+    assert info["pause"] == state["default"]
+    (process,) = info["processes"]
+    (pool,) = process["pools"]
+    assert pool["paused_since"] is not None and pool["requests_waiting"] == 1
+    assert process["pause_seen"] == state["default"]["generation"]
+    text = pause_project.manage("poolstatus").stdout
+    (row,) = host_table(text)
+    assert (row["pid"], row["size"], row["waiting"]) == (str(holder.pid), "0", "1")
+    assert re.fullmatch(r"\d+\.\d+s", row["paused"])
+    assert re.search(
+        r"\n  paused +since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+, \d+\.\d s ago \(poolpause; "
+        r"1 borrower waiting; poolresume lends again\)\n",
+        text,
+    )
+
+    resumed_at = time.time()
+    out = pause_project.manage("poolresume", "--wait", "10").stdout
+
+    borrowed = holder.wait_for("borrowed")
+    asked, was, done = out.splitlines()
+    assert asked.startswith(f"Asked 1 process on host {HOSTNAME} to resume database 'default' ")
+    assert was.startswith(f"Database 'default' was paused on host {HOSTNAME} since ")
+    assert done.startswith("Database 'default': every process has resumed (")
+    # Served once resumed, within its timeout (10 s): it did not fail.
+    assert borrowed["at"] >= resumed_at - 0.1
+    assert 2.0 < borrowed["waited"] < 10
+    assert (
+        json.loads((pause_project.status_dir / "pause.json").read_text())["default"]["paused_since"]
+        is None
+    )
+    print(f"\nthe late process waited {borrowed['waited']:.2f} s, served after poolresume")
+
+
+def test_a_switchover_under_a_write_load_fails_no_request_and_loses_no_write(
+    gunicorn: Server, gunicorn_project: Project, pg: ThrowawayServer, tmp_path: Path
+) -> None:
+    gunicorn_project.manage("migrate", "--noinput", "-v", "0")
+    ((pk,),) = admin_execute(
+        "INSERT INTO shop_product (name, price, stock, attributes, updated_at) "
+        "VALUES ('switchover', 1, 1000000, '{}', now()) RETURNING id",
+        dbname=gunicorn_project.database,
+    )
+    send(gunicorn.url, 50, tmp_path)  # both workers have a pool
+    url = gunicorn.url.replace("/api/health/", f"/api/products/{pk}/buy/")
+    stop = tmp_path / "stop-buying"
+    buyer = subprocess.Popen(
+        [sys.executable, "-c", BUYER, url, str(stop), str(THREADS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        started = time.monotonic()
+        paused = gunicorn_project.manage("poolpause", "--wait", "20").stdout
+        drained = time.monotonic() - started
+        assert not tagged_sessions(gunicorn_project.database)
+        pg.restart()  # the switchover: nothing of the pools' is connected meanwhile
+        restarted = time.monotonic() - started
+        resumed = gunicorn_project.manage("poolresume", "--wait", "10").stdout
+        paused_for = time.monotonic() - started
+        time.sleep(1.0)
+    finally:
+        stop.touch()
+        out, err = buyer.communicate(timeout=60)
+    assert buyer.returncode == 0, err
+    load = json.loads(out)
+
+    assert load["failed"] == 0, load["errors"]
+    ((stock,),) = admin_execute(
+        "SELECT stock FROM shop_product WHERE id = %s", [pk], dbname=gunicorn_project.database
+    )
+    assert 1000000 - stock == load["bought"]  # every write acknowledged is there, no other
+    assert paused.startswith(f"Asked {WORKERS} processes on host {HOSTNAME} to pause ")
+    assert "every process is paused, with no connection left" in paused
+    assert "every process has resumed" in resumed
+    print(
+        f"\nswitchover under {THREADS} buying threads: drained in {drained:.2f} s, restarted "
+        f"at {restarted:.2f} s, resumed at {paused_for:.2f} s; {load['bought']} buys, "
+        f"0 failed, slowest {load['slowest']:.2f} s, stock down by exactly {load['bought']}"
     )

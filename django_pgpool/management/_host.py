@@ -2,7 +2,8 @@
 
 ``read_host_snapshots()`` reads them; ``host_processes()`` picks those that
 have a pool of an alias and puts each published pool in the documented shape.
-``status.request_reconnect()`` asks those processes to reconnect.
+``status.request_reconnect()`` asks those processes to reconnect,
+``status.request_pause()`` to pause or resume.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ACTIVITY_KEYS: dict[str, Any] = {
     "oldest_checkout": None,
     "retired_in_use": 0,
     "wait_buckets": [],  # queued borrowers' waits, counted per pool.WAIT_BUCKETS bound, +Inf
+    "paused_since": None,  # Unix time of pause(), or None while lending
 }
 
 
@@ -50,6 +52,7 @@ def read_host_snapshots() -> list[dict[str, Any]]:
         live = status.snapshot()
         live["updated"] = time.time()
         live["reconnect_seen"] = own.get("reconnect_seen", {})
+        live["pause_seen"] = status.pause_seen()
         snapshots.append(live)
     return sorted(snapshots, key=lambda s: int(s.get("pid", 0)))
 
@@ -85,6 +88,7 @@ def host_processes(alias: str, snapshots: Iterable[Mapping[str, Any]]) -> list[d
                     "host": str(snapshot.get("host", HOSTNAME)),
                     "updated": snapshot.get("updated"),
                     "reconnect_seen": int(snapshot.get("reconnect_seen", {}).get(alias, 0)),
+                    "pause_seen": int(snapshot.get("pause_seen", {}).get(alias, 0)),
                     "pools": pools,
                 }
             )

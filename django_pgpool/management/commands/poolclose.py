@@ -11,7 +11,6 @@ Three ways, from gentlest to bluntest:
 
 from __future__ import annotations
 
-import argparse
 import time
 from argparse import ArgumentParser
 from typing import Any
@@ -24,33 +23,10 @@ from ...identity import HOSTNAME
 from .._aliases import add_database_argument, selected_aliases
 from .._host import host_processes, read_host_snapshots
 from .._server import terminate, wait_until_gone
+from .._words import DEFAULT_WAIT, POLL, pid_list, plural, seconds
 
-#: Seconds ``--wait`` waits when given no value.
-DEFAULT_WAIT = 30.0
 #: Seconds a session must have been idle on the server for ``--kill`` to end it.
 DEFAULT_IDLE_FOR = 5.0
-#: Seconds between two looks while waiting.
-POLL = 0.1
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
-    return value
-
-
-def _plural(count: int, word: str) -> str:
-    if count == 1:
-        return f"{count} {word}"
-    return f"{count} {word}es" if word.endswith("s") else f"{count} {word}s"
-
-
-def _pids(pids: list[int]) -> str:
-    return ", ".join(str(pid) for pid in pids)
 
 
 class Command(BaseCommand):
@@ -74,7 +50,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--idle-for",
-            type=_seconds,
+            type=seconds,
             metavar="SECONDS",
             help="With --kill: end only the sessions idle for at least SECONDS (default "
             f"{DEFAULT_IDLE_FOR:g}); a session lent to a request is idle between two statements.",
@@ -87,7 +63,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--wait",
             nargs="?",
-            type=_seconds,
+            type=seconds,
             const=DEFAULT_WAIT,
             metavar="SECONDS",
             help="Return only when the old connections are gone (at most SECONDS, "
@@ -139,7 +115,7 @@ class Command(BaseCommand):
         for alias in aliases:
             closed = registry.close_pools(alias=alias)
             self.stdout.write(
-                self.style.SUCCESS(f"Closed {_plural(closed, 'pool')} of database {alias!r}.")
+                self.style.SUCCESS(f"Closed {plural(closed, 'pool')} of database {alias!r}.")
             )
 
     # -- default: a graceful reconnect of every process on this host ------------
@@ -160,8 +136,8 @@ class Command(BaseCommand):
             if pids:
                 self.stdout.write(
                     self.style.SUCCESS(
-                        f"Asked {_plural(len(pids), 'process')} on host {HOSTNAME} to reconnect "
-                        f"database {alias!r} (pids {_pids(pids)}): idle connections close "
+                        f"Asked {plural(len(pids), 'process')} on host {HOSTNAME} to reconnect "
+                        f"database {alias!r} (pids {pid_list(pids)}): idle connections close "
                         "within about a second, connections in use when they are returned."
                     )
                 )
@@ -219,7 +195,7 @@ class Command(BaseCommand):
                 retired = sum(pool["retired_in_use"] for pool in pools)
                 if process["reconnect_seen"] >= generation:
                     if retired:
-                        pending[pid] = f"{_plural(retired, 'connection')} in use"
+                        pending[pid] = f"{plural(retired, 'connection')} in use"
                 elif sum(pool["pool_size"] for pool in pools) == 0 and (
                     time.monotonic() - requested_at > 1.5 * maintenance.INTERVAL
                 ):
@@ -248,7 +224,7 @@ class Command(BaseCommand):
             detail = ", ".join(f"{n} of {host}:{pid}" for (host, pid), n in by_process.items())
             self.stdout.write(
                 self.style.SUCCESS(
-                    f"Ended {_plural(len(result.terminated), what + 'session')} of {where} on "
+                    f"Ended {plural(len(result.terminated), what + 'session')} of {where} on "
                     f"the server: {detail}."
                 )
             )
@@ -261,7 +237,7 @@ class Command(BaseCommand):
                 f"{recent} idle for less than {idle_for:g} s" if recent else "",
             ]
             self.stdout.write(
-                f"Left {_plural(len(result.left), 'session')} alone: "
+                f"Left {plural(len(result.left), 'session')} alone: "
                 f"{', '.join(r for r in reasons if r)} (--idle-for and --include-active end "
                 "those too; a graceful poolclose replaces them when they are returned)."
             )
@@ -273,7 +249,7 @@ class Command(BaseCommand):
         if remaining:
             raise CommandError(
                 f"after {elapsed:.1f} s, these ended sessions of {where} are still there: "
-                f"server pids {_pids(remaining)}"
+                f"server pids {pid_list(remaining)}"
             )
         self.stdout.write(
             self.style.SUCCESS(

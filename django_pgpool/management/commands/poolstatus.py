@@ -10,12 +10,14 @@ from argparse import ArgumentParser
 from collections.abc import Sequence
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import BaseCommand, CommandError
 
 from ... import status
 from ...identity import HOSTNAME
 from .._aliases import add_database_argument, pool_config, selected_aliases
 from .._host import host_processes, read_host_snapshots
+from .._pause import describe_since
 from .._redaction import database_identity
 from .._server import server_view, unreachable_server_view
 
@@ -29,6 +31,7 @@ POOL_COLUMNS = (
     ("in use", "pool_in_use"),
     ("waiting", "requests_waiting"),
     ("max wait", "longest_wait_s"),
+    ("paused", "paused_since"),
     ("requests", "requests_num"),
     ("waits", "requests_queued"),
     ("timeouts", "requests_timeouts"),
@@ -90,6 +93,17 @@ def _table(headings: Sequence[str], text: set[int], rows: list[Row]) -> list[str
     for row in rows:
         lines.append(line(row) if isinstance(row, list) else line([*row[0], row[1]]))
     return lines
+
+
+def _waiting(processes: list[dict[str, Any]]) -> str:
+    """Say how many borrowers wait in the paused pools of these processes."""
+    waiting = sum(
+        pool["requests_waiting"]
+        for process in processes
+        for pool in process["pools"]
+        if pool["paused_since"] is not None
+    )
+    return f"{waiting} borrower{'s' if waiting != 1 else ''} waiting"
 
 
 def _positive_seconds(text: str) -> float:
@@ -162,10 +176,15 @@ class Command(BaseCommand):
     def report(self, aliases: list[str]) -> tuple[dict[str, Any], list[str]]:
         """Return the JSON document, and why a database could not be reached, if one couldn't."""
         snapshots = read_host_snapshots()
+        try:
+            pause_state = status.read_pause_state()
+        except (ImproperlyConfigured, OSError) as exc:
+            raise CommandError(status.describe_failure(exc)) from exc
         databases: dict[str, dict[str, Any]] = {
             alias: {
                 "config": pool_config(alias),
                 "database": database_identity(alias),
+                "pause": pause_state.get(alias, {"generation": 0, "paused_since": None}),
                 "processes": host_processes(alias, snapshots),
             }
             for alias in aliases
@@ -214,12 +233,14 @@ class Command(BaseCommand):
             for process in info["processes"]:
                 for pool in process["pools"]:
                     waiting = pool["requests_waiting"] > 0
-                    figures = [
-                        (_seconds(pool[key] if waiting else None))
-                        if key == "longest_wait_s"
-                        else str(pool[key])
-                        for _, key in POOL_COLUMNS
-                    ]
+                    since = pool["paused_since"]
+                    shown = {
+                        "longest_wait_s": _seconds(pool["longest_wait_s"] if waiting else None),
+                        "paused_since": _seconds(
+                            None if since is None else max(document["time"] - since, 0.0)
+                        ),
+                    }
+                    figures = [shown.get(key) or str(pool[key]) for _, key in POOL_COLUMNS]
                     name = pool["database"].get("dbname", "")
                     thread = _aged(pool["oldest_checkout"], "thread")
                     rows.append([alias, name, str(process["pid"]), *figures, thread])
@@ -261,10 +282,18 @@ class Command(BaseCommand):
         for alias, info in report.items():
             database = info["database"]
             libpq = ", ".join(f"{key}={value}" for key, value in database["OPTIONS"].items())
+            since = info["pause"]["paused_since"]
+            paused = "no"
+            if since is not None:
+                paused = (
+                    f"since {describe_since(since, document['time'])} (poolpause; "
+                    f"{_waiting(info['processes'])}; poolresume lends again)"
+                )
             settings = [
                 *((key, database[key]) for key in ("NAME", "HOST", "PORT", "USER")),
                 ("OPTIONS", libpq or "-"),
                 *info["config"].items(),
+                ("paused", paused),
             ]
             width = max(len(key) for key, _ in settings)
             self.stdout.write("")
