@@ -1020,6 +1020,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         it is closed under, or CLOSE to close it without counting it as bad
         (close=True, pool closed).
         """
+        if conn.failover_seen_at:
+            self._retire_opened_before(conn.failover_seen_at, conn.failover_sqlstate)
         if close or self.closed:
             return CLOSE
         if self._retired(conn, time.monotonic()):
@@ -1196,6 +1198,25 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     def paused_since(self) -> float | None:
         """Return when pause() was called (``time.time()``), or None if lending."""
         return self._paused_at
+
+    def _retire_opened_before(self, moment: float, sqlstate: str) -> None:
+        """Retire every connection opened before ``moment`` (a failover error then).
+
+        As reconnect(): idle ones are closed by the next maintenance round (woken
+        now) or at their next borrow, lent ones when they are returned; new
+        connections go wherever libpq's host list now leads.
+        """
+        with self._lock:
+            if moment <= self._reconnected_at:
+                return  # retired already (another connection said so first)
+            self._reconnected_at = moment
+        self._log(
+            logging.WARNING,
+            "SQLSTATE %s: the server is no longer the one to use (a failover?); retiring "
+            "every connection opened before it",
+            sqlstate,
+        )
+        maintenance.wake()
 
     def activity(self) -> dict[str, Any]:
         """Return the stats plus what is going on right now (for status snapshots)."""

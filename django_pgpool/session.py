@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +163,28 @@ def changes_session(sql: Any) -> bool:
     return session_effects(sql) == SESSION
 
 
+# SQLSTATEs that say this server is not the one to use any more: read-only
+# (an in-place demotion, as an Aurora writer flip does it), shutting down,
+# crashed, not accepting connections; and class 08, connection exceptions.
+FAILOVER_SQLSTATES = frozenset({"25006", "57P01", "57P02", "57P03"})
+
+
+def note_failover(conn: PooledConnection, exc: psycopg2.Error) -> None:
+    """Mark ``conn`` if ``exc`` says its server is no longer the one to use.
+
+    The pool then retires it and every connection opened before it, when it
+    is returned (new ones go where libpq's host list now leads).
+    """
+    code = exc.pgcode
+    if (
+        code in FAILOVER_SQLSTATES
+        or (code is not None and code.startswith("08"))
+        or (code is None and isinstance(exc, psycopg2.OperationalError) and conn.closed)
+    ):
+        conn.failover_seen_at = time.monotonic()
+        conn.failover_sqlstate = code or "08000"
+
+
 class TrackingCursor(ext.cursor):
     """The cursor class of pooled connections: marks the connection dirty when needed."""
 
@@ -177,7 +200,11 @@ class TrackingCursor(ext.cursor):
                 effects = session_effects(query)
                 if effects:
                     conn.session_dirty |= effects
-        return super().execute(query, vars)
+        try:
+            return super().execute(query, vars)
+        except psycopg2.Error as exc:
+            note_failover(conn, exc)
+            raise
 
     def executemany(self, query: Any, vars_list: Any) -> None:
         conn = self.connection
@@ -185,12 +212,20 @@ class TrackingCursor(ext.cursor):
             effects = session_effects(query)
             if effects:
                 conn.session_dirty |= effects
-        return super().executemany(query, vars_list)
+        try:
+            return super().executemany(query, vars_list)
+        except psycopg2.Error as exc:
+            note_failover(conn, exc)
+            raise
 
     def callproc(self, procname: Any, parameters: Any = None) -> Any:
         # A function can do anything to the session.
         self.connection.session_dirty = SESSION
-        return super().callproc(procname, parameters)
+        try:
+            return super().callproc(procname, parameters)
+        except psycopg2.Error as exc:
+            note_failover(self.connection, exc)
+            raise
 
     # COPY FROM only works through these two (execute() refuses it), and it
     # fills serial and identity defaults like an INSERT.
@@ -266,6 +301,10 @@ class PooledConnection(ext.connection):
     # The number of the loan it is lent under (0 while not lent): written by
     # the pool under its lock (see pool.py, "Slots, loans and reservations").
     loan: int
+    # When a statement failed with a SQLSTATE that means "not this server any
+    # more" (note_failover()), and which; written by the holding thread.
+    failover_seen_at: float
+    failover_sqlstate: str
     # The SETs the pool gave this session after connecting, because the server
     # (a pooler) wouldn't take them in libpq's options; None when it took
     # them there. Set once by the opening thread; the reset replays it.
@@ -285,6 +324,8 @@ class PooledConnection(ext.connection):
         self.reclaimed = False
         self.loan = 0
         self.session_setup = None
+        self.failover_seen_at = 0.0
+        self.failover_sqlstate = ""
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         # Track through a subclass of the class the cursor would have had; the
