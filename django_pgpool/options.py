@@ -46,6 +46,9 @@ class PoolOptions:
     # Called before every new connection for fresh libpq parameters (a
     # rotating password): resolved from a dotted path by parse_options().
     credentials: Callable[[], Mapping[str, Any]] | None = None
+    # Run with the health check, on the raw connection; raising rejects it
+    # (e.g. a pg_is_in_recovery() test after a failover).
+    check: Callable[[Any], object] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Return the options as ConnectionPool's keyword arguments."""
@@ -54,8 +57,9 @@ class PoolOptions:
     def shown(self) -> dict[str, Any]:
         """Return the options as they may be shown (JSON-safe: a callable by its name)."""
         shown = self.as_dict()
-        if self.credentials is not None:
-            shown["credentials"] = callable_name(self.credentials)
+        for key in _CALLABLE_KEYS:
+            if shown[key] is not None:
+                shown[key] = callable_name(shown[key])
         return shown
 
 
@@ -98,7 +102,15 @@ E_VALUE = "django_pgpool.E001"  # a pool option has a wrong type or is out of ra
 E_MIN_MAX = "django_pgpool.E002"  # minconn > maxconn
 E_DJANGO_POOL = "django_pgpool.E003"  # OPTIONS['pool'] (Django's psycopg 3 pool)
 E_CONN_MAX_AGE = "django_pgpool.E004"  # CONN_MAX_AGE != 0
-E_CREDENTIALS = "django_pgpool.E005"  # OPTIONS['credentials'] can't be imported or called
+E_CALLABLE = "django_pgpool.E005"  # OPTIONS['credentials'] or ['check'] can't be imported or called
+
+# key -> what the callable must do (for the error message)
+_CALLABLE_KEYS = {
+    "credentials": "taking no arguments and returning a dict of libpq connect parameters, "
+    "e.g. {'password': token}",
+    "check": "taking the psycopg2 connection and raising if it must not be used, e.g. when "
+    "SELECT pg_is_in_recovery() is true",
+}
 
 
 def _path(alias: str, key: str) -> str:
@@ -131,18 +143,19 @@ def option_problems(alias: str, options: Mapping[str, Any], conn_max_age: Any = 
         bad("leak_timeout", "None (off) or a number of seconds > 0")
     if "reset" in options and options["reset"] not in RESET_MODES:
         bad("reset", "one of " + ", ".join(repr(m) for m in RESET_MODES))
-    if options.get("credentials") is not None:
+    for key, does in _CALLABLE_KEYS.items():
+        if options.get(key) is None:
+            continue
         try:
-            _credentials(options["credentials"])
+            _callable(options[key])
         except (ImportError, TypeError) as exc:
-            path = _path(alias, "credentials")
+            path = _path(alias, key)
             problems.append(
                 Problem(
-                    E_CREDENTIALS,
+                    E_CALLABLE,
                     path,
-                    f"{path} is {options['credentials']!r}: {exc}. It must be a callable, or "
-                    "the dotted path of one, taking no arguments and returning a dict of "
-                    "libpq connect parameters, e.g. {'password': token}.",
+                    f"{path} is {options[key]!r}: {exc}. It must be a callable, or the "
+                    f"dotted path of one, {does}.",
                 )
             )
 
@@ -196,13 +209,14 @@ def parse_options(alias: str, options: Mapping[str, Any], conn_max_age: Any = 0)
     for key in (*_SECONDS_KEYS, "leak_timeout"):
         if given.get(key) is not None:
             given[key] = float(given[key])
-    if given.get("credentials") is not None:
-        given["credentials"] = _credentials(given["credentials"])
+    for key in _CALLABLE_KEYS:
+        if given.get(key) is not None:
+            given[key] = _callable(given[key])
     return PoolOptions(**given)
 
 
-def _credentials(value: Any) -> Callable[[], Mapping[str, Any]]:
-    """Return the credentials callable; raise ImportError or TypeError if it is none."""
+def _callable(value: Any) -> Callable[..., Any]:
+    """Return the callable a setting names; raise ImportError or TypeError if it is none."""
     function = import_string(value) if isinstance(value, str) else value
     if not callable(function):
         raise TypeError(f"{callable_name(type(function))} object is not callable")

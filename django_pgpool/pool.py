@@ -367,7 +367,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     ``credentials``, if given, is called before every new connection and
     returns connect parameters that override ``kwargs`` for it (a password
     that rotates). ``session_settings`` are settings (``{"TimeZone": "UTC"}``)
-    every session gets when it is opened.
+    every session gets when it is opened. ``check``, if given, is the health
+    check (instead of ``SELECT 1``): called with the connection, it raises to
+    reject it.
     """
 
     def __init__(
@@ -387,6 +389,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         configure: Callable[[PooledConnection], None] | None = None,
         credentials: Callable[[], Mapping[str, Any]] | None = None,
         session_settings: Mapping[str, str] | None = None,
+        check: Callable[[PooledConnection], object] | None = None,
         **kwargs: Any,
     ) -> None:
         # psycopg2's __init__ is not called: it opens minconn connections at
@@ -421,6 +424,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         # stale read costs one refused connect.
         self._session_settings = dict(session_settings or {})
         self._settings_by_set = False
+        self._check = check
 
         factory = kwargs.get("connection_factory") or PooledConnection
         if not issubclass(factory, PooledConnection):
@@ -769,14 +773,35 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             if in_transactions:
                 conn.autocommit = True
             try:
-                with self._deadline(conn, deadline - now), conn.cursor() as cur:
-                    cur.execute("SELECT 1")
+                with self._deadline(conn, deadline - now):
+                    if self._check is None:
+                        with conn.cursor() as cur:
+                            cur.execute("SELECT 1")
+                    else:
+                        self._run_check(conn)
             finally:
                 if in_transactions and not conn.closed:
                     conn.autocommit = False
         except (psycopg2.Error, OSError):
             return CONNECTIONS_LOST
         return None
+
+    def _run_check(self, conn: PooledConnection) -> None:
+        """Run the user's check; any exception rejects the connection (logged once
+        per connection at INFO: a failover makes every connection fail it)."""
+        assert self._check is not None
+        try:
+            self._check(conn)
+        except Exception as exc:
+            self._log(
+                logging.INFO,
+                "%s (OPTIONS['check']) rejected a connection: %s",
+                callable_name(self._check),
+                _first_line(exc),
+            )
+            raise psycopg2.OperationalError(f"rejected by the check: {exc}") from exc
+        if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+            conn.rollback()
 
     def _retired(self, conn: PooledConnection, now: float) -> bool:
         """Return True if ``conn`` outlived max_lifetime or was opened before reconnect()."""

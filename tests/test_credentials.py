@@ -235,6 +235,7 @@ def test_the_shown_options_name_the_credentials_callable() -> None:
     json.dumps(options.shown())  # the status snapshot and poolstatus --format json use it
 
 
+@pytest.mark.parametrize("key", ["credentials", "check"])
 @pytest.mark.parametrize(
     ("value", "why"),
     [
@@ -243,14 +244,12 @@ def test_the_shown_options_name_the_credentials_callable() -> None:
         (42, "not callable"),
     ],
 )
-def test_a_bad_credentials_setting_fails_the_system_check(
-    value: Any, why: str, monkeypatch: pytest.MonkeyPatch
+def test_a_bad_callable_setting_fails_the_system_check(
+    key: str, value: Any, why: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    databases = {
-        "default": {**connections["default"].settings_dict, "OPTIONS": {"credentials": value}}
-    }
+    databases = {"default": {**connections["default"].settings_dict, "OPTIONS": {key: value}}}
     monkeypatch.setattr(settings, "DATABASES", databases)
     errors = checks.check_pool_options()
     assert [e.id for e in errors] == ["django_pgpool.E005"]
     assert isinstance(errors[0], Error)
-    assert "['credentials']" in errors[0].msg and why in errors[0].msg
+    assert f"['{key}']" in errors[0].msg and why in errors[0].msg

@@ -162,3 +162,40 @@ def test_primary_crash_then_promotion(sync_replica_pair: ReplicaPair) -> None:
     assert result["lost"] == set()
     last = result["last_after_promotion"]
     assert last is None or last <= 2.0
+
+
+def not_in_recovery(conn: Any) -> None:
+    """OPTIONS['check'] for a writer: a server in recovery (a replica) is not one."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_is_in_recovery()")
+        if cur.fetchone()[0]:
+            raise RuntimeError("the server is in recovery: not the primary")
+
+
+def test_a_check_rejects_an_idle_connection_that_fails_it(sync_replica_pair: ReplicaPair) -> None:
+    calls: list[bool] = []
+
+    def check(conn: Any) -> None:
+        calls.append(True)
+        not_in_recovery(conn)
+
+    replica = sync_replica_pair.replica_info.connect_kwargs()
+    pool = ConnectionPool(0, 2, timeout=5, check_after=0, check=check, **replica)
+    try:
+        pool.putconn(pool.getconn())  # new: no check (its connect just happened)
+        assert calls == []
+        conn = pool.getconn()  # idle: checked, rejected, replaced by a new one
+        pool.putconn(conn)
+        assert calls == [True]
+        assert pool.get_stats()["connections_lost"] == 1
+    finally:
+        pool.closeall()
+    primary = sync_replica_pair.primary_info.connect_kwargs()
+    pool = ConnectionPool(0, 2, timeout=5, check_after=0, check=check, **primary)
+    try:
+        pool.putconn(pool.getconn())
+        pool.putconn(pool.getconn())  # checked and kept
+        assert pool.get_stats()["connections_lost"] == 0
+        assert pool.get_stats()["connections_num"] == 1
+    finally:
+        pool.closeall()
