@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,6 +34,53 @@ def wait_for(
             raise AssertionError(f"not reached within {timeout} s: {what or predicate}")
         time.sleep(interval)
     return time.monotonic() - started
+
+
+class PoolLoad:
+    """Threads borrowing, running ``SELECT 1`` and returning, until stopped or
+    ``each`` times each; ``done`` counts the requests, ``errors`` keeps every failure.
+
+    Use as a context manager: the threads start on entry and are stopped and
+    joined on exit.
+    """
+
+    def __init__(self, pool: Any, threads: int = 4, each: int | None = None) -> None:
+        self.pool = pool
+        self.each = each
+        self.done = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._work) for _ in range(threads)]
+
+    def _work(self) -> None:
+        count = 0
+        while not self._stop.is_set() and (self.each is None or count < self.each):
+            count += 1
+            try:
+                conn = self.pool.getconn()
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                conn.rollback()
+                self.pool.putconn(conn)
+                with self._lock:
+                    self.done += 1
+            except BaseException as exc:
+                with self._lock:
+                    self.errors.append(exc)
+
+    def __enter__(self) -> PoolLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def join(self, timeout: float = 30.0) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.join()
 
 
 def server_connections(admin: Any, application_name: str) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from django.db import OperationalError, connections
 
 from django_pgpool import checks, registry
 from django_pgpool.pool import ConnectionPool
-from tests.helpers import wait_for
+from tests.helpers import PoolLoad, wait_for
 from tests.pgserver import ServerInfo
 
 ROLE = "pgpool_rotating"
@@ -79,32 +78,6 @@ def rotating_pool(server: ServerInfo, store: PasswordFile, **options: Any) -> Co
     return ConnectionPool(1, 4, credentials=store, timeout=5, **kwargs, **options)
 
 
-def run_load(pool: ConnectionPool, stop: threading.Event) -> tuple[list[int], list[BaseException]]:
-    """Four threads borrowing, querying and returning until ``stop``; count and errors."""
-    done = [0]
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        while not stop.is_set():
-            try:
-                conn = pool.getconn()
-                with conn.cursor() as cur:
-                    cur.execute("SELECT 1")
-                conn.rollback()
-                pool.putconn(conn)
-                done[0] += 1
-            except BaseException as exc:
-                errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    stop.wait()
-    for thread in threads:
-        thread.join(10)
-    return done, errors
-
-
 def all_sessions_started_after(admin: Any, moment: float) -> bool:
     starts = session_starts(admin)
     return bool(starts) and min(starts) > moment
@@ -124,36 +97,28 @@ def test_the_password_is_read_for_every_new_connection_and_rotates_under_load(
     password_server: ServerInfo, server_admin: Any, store: PasswordFile
 ) -> None:
     pool = rotating_pool(password_server, store)
-    stop = threading.Event()
-    result: list[Any] = []
-    loader = threading.Thread(target=lambda: result.append(run_load(pool, stop)))
-    loader.start()
     try:
-        time.sleep(0.3)
-        old_calls = store.calls
-        old = store.path.read_text()
-        store.rotate(server_admin)
-        # The old password no longer opens a connection; the pool's open ones go on.
-        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
-            psycopg2.connect(**{**password_server.connect_kwargs(), "user": ROLE, "password": old})
-        time.sleep(0.3)
-        rotated_at = time.time()
-        pool.reconnect()  # as close_pools() and poolclose do: every connection replaced
-        wait_for(
-            lambda: (
-                session_starts(server_admin)
-                and min(session_starts(server_admin)) > rotated_at - 0.05
-            ),
-            what="every session opened after the rotation",
-        )
-        time.sleep(0.3)
+        with PoolLoad(pool) as load:
+            time.sleep(0.3)
+            old_calls = store.calls
+            old = store.path.read_text()
+            store.rotate(server_admin)
+            # The old password no longer opens a connection; the pool's open ones go on.
+            with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+                as_role = {**password_server.connect_kwargs(), "user": ROLE, "password": old}
+                psycopg2.connect(**as_role)
+            time.sleep(0.3)
+            rotated_at = time.time()
+            pool.reconnect()  # as close_pools() and poolclose do: every connection replaced
+            wait_for(
+                lambda: all_sessions_started_after(server_admin, rotated_at - 0.05),
+                what="every session opened after the rotation",
+            )
+            time.sleep(0.3)
     finally:
-        stop.set()
-        loader.join(15)
         pool.closeall()
-    done, errors = result[0]
-    assert not errors, errors[:3]
-    assert done[0] > 100
+    assert not load.errors, load.errors[:3]
+    assert load.done > 100
     assert store.calls > old_calls  # asked again for the new connections, never cached
 
 
@@ -161,25 +126,19 @@ def test_with_a_short_max_lifetime_connections_move_to_the_new_password_by_thems
     password_server: ServerInfo, server_admin: Any, store: PasswordFile
 ) -> None:
     pool = rotating_pool(password_server, store, max_lifetime=1.0)
-    stop = threading.Event()
-    result: list[Any] = []
-    loader = threading.Thread(target=lambda: result.append(run_load(pool, stop)))
-    loader.start()
     try:
-        time.sleep(0.3)
-        store.rotate(server_admin)
-        rotated_at = time.time()
-        wait_for(
-            lambda: session_starts(server_admin) and min(session_starts(server_admin)) > rotated_at,
-            timeout=10,
-            what="every session reopened with the new password",
-        )
+        with PoolLoad(pool) as load:
+            time.sleep(0.3)
+            store.rotate(server_admin)
+            rotated_at = time.time()
+            wait_for(
+                lambda: all_sessions_started_after(server_admin, rotated_at),
+                timeout=10,
+                what="every session reopened with the new password",
+            )
     finally:
-        stop.set()
-        loader.join(15)
         pool.closeall()
-    _, errors = result[0]
-    assert not errors, errors[:3]
+    assert not load.errors, load.errors[:3]
 
 
 def test_a_password_from_credentials_is_never_shown(

@@ -10,7 +10,7 @@ import pytest
 
 from django_pgpool.errors import PoolTimeout
 from tests.conftest import MakePool, backend_pid
-from tests.helpers import server_connections, wait_for
+from tests.helpers import PoolLoad, server_connections, wait_for
 from tests.pgserver import ThrowawayServer
 
 
@@ -78,26 +78,7 @@ def test_pause_restart_resume_under_load_fails_no_request(
     make_pool: MakePool, pg: ThrowawayServer
 ) -> None:
     pool = make_pool(2, 4, timeout=15, failover_timeout=0)
-    stop = threading.Event()
-    done: list[int] = []
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        while not stop.is_set():
-            try:
-                conn = pool.getconn()
-                with conn.cursor() as cur:
-                    cur.execute("SELECT 1")
-                conn.rollback()
-                pool.putconn(conn)
-                done.append(1)
-            except BaseException as exc:
-                errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    try:
+    with PoolLoad(pool, threads=8) as load:
         time.sleep(0.3)
         started = time.monotonic()
         pool.pause()
@@ -106,14 +87,10 @@ def test_pause_restart_resume_under_load_fails_no_request(
         pg.restart()  # the switchover: nothing of the pool's is connected meanwhile
         pool.resume()
         paused_for = time.monotonic() - started
-        before = len(done)
-        wait_for(lambda: len(done) > before + 100, what="serving again")
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(20)
-    assert not errors, errors[:3]
+        before = load.done
+        wait_for(lambda: load.done > before + 100, what="serving again")
+    assert not load.errors, load.errors[:3]
     print(
         f"\npause, restart, resume under 8 threads: drained in {drained:.2f} s, paused for "
-        f"{paused_for:.2f} s, {len(done)} requests, none failed"
+        f"{paused_for:.2f} s, {load.done} requests, none failed"
     )

@@ -9,7 +9,6 @@ counted by a TCP proxy between the client and PgBouncer.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from django.db.backends.postgresql.base import DatabaseWrapper as StockWrapper
 
 from django_pgpool import base, registry
 from django_pgpool.pool import ConnectionPool
+from tests.helpers import PoolLoad
 from tests.pgbouncer import (  # the fixtures register under their names without _fixture
     ThrowawayPgBouncer,
     pgbouncer_session_fixture,  # noqa: F401
@@ -130,25 +130,9 @@ def test_borrowers_wait_for_one_another_through_pgbouncer(
     make_bounced_pool: Callable[..., ConnectionPool],
 ) -> None:
     pool = make_bounced_pool(maxconn=1)
-    errors: list[BaseException] = []
-    done = [0]
-
-    def work() -> None:
-        for _ in range(20):
-            try:
-                conn = pool.getconn()
-                query(conn, "SELECT 1")
-                pool.putconn(conn)
-                done[0] += 1
-            except BaseException as exc:
-                errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not errors and done[0] == 80
+    with PoolLoad(pool, threads=4, each=20) as load:
+        load.join()
+    assert not load.errors and load.done == 80
     assert pool.get_stats()["connections_num"] == 1  # one connection, reused
 
 
