@@ -134,6 +134,10 @@ _PERMANENT_CONNECT_ERRORS = (
     "certificate",
 )
 
+# Retirements after a failover error within this many seconds of the last
+# one are logged at DEBUG: one event fails several connections.
+RETIRE_QUIET = 5.0
+
 # What a reserved slot is for (_Reservation.purpose).
 OPENING = "opening"
 CLOSING = "closing"
@@ -424,6 +428,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         # stale read costs one refused connect.
         self._session_settings = dict(session_settings or {})
         self._settings_by_set = False
+        self._role_checked = False  # the role given in options was seen to take
         self._check = check
 
         factory = kwargs.get("connection_factory") or PooledConnection
@@ -671,8 +676,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 victim = conn  # dropped half-way: its slot is free already
             if victim is None and token not in self._reserved:
                 return
+            if victim is not None:
+                self._deadlines.pop(id(victim), None)  # left by an interrupted round trip
         if victim is not None:
-            self._deadlines.pop(id(victim), None)  # a dict pop is atomic
             victim.loan = 0
             _close_quietly(victim)
             self._log(logging.DEBUG, "connection closed (its borrow or return was interrupted)")
@@ -886,7 +892,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     conn: PooledConnection = psycopg2.connect(*self._args, **with_settings)
                 return conn
             except psycopg2.OperationalError as exc:
-                if "unsupported startup parameter: options" not in str(exc):
+                # PgBouncer before 1.20: "unsupported startup parameter: options";
+                # 1.20 and later, for a setting it doesn't track (the role):
+                # "unsupported startup parameter in options: role".
+                message = str(exc)
+                if "unsupported startup parameter" not in message or "options" not in message:
                     raise
                 self._switch_to_set("refuses the startup parameter 'options'")
         with _fork_gate.connecting():
@@ -895,12 +905,29 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
     def _settings_took(self, conn: PooledConnection) -> bool:
         """Return False if a setting given in ``options`` didn't reach the session
-        (a pooler told to ignore ``options``). Free: the time zone is reported."""
+        (a pooler told to ignore ``options``).
+
+        The time zone is reported by the server, so checking it is free. The
+        role is not: it is read once per pool, with one round trip, on its
+        first connection (a pooler that ignores ``options`` ignores it for all).
+        """
         wanted = self._session_settings.get("TimeZone")
-        if wanted is None or conn.info.parameter_status("TimeZone") == wanted:
-            return True
-        self._switch_to_set("ignored the time zone given in 'options'")
-        return False
+        if wanted is not None and conn.info.parameter_status("TimeZone") != wanted:
+            self._switch_to_set("ignored the time zone given in 'options'")
+            return False
+        role = self._session_settings.get("role")
+        if role is not None and not self._role_checked:
+            with ext.cursor(conn) as cur:  # our own statement needs no tracking
+                cur.execute("SELECT current_setting('role')")
+                row = cur.fetchone()
+            current = row[0] if row else None
+            if conn.info.transaction_status != ext.TRANSACTION_STATUS_IDLE:
+                conn.rollback()
+            if current != role:
+                self._switch_to_set("ignored the role given in 'options'")
+                return False
+            self._role_checked = True
+        return True
 
     def _switch_to_set(self, why: str) -> None:
         if not self._settings_by_set:
@@ -1234,9 +1261,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         with self._lock:
             if moment <= self._reconnected_at:
                 return  # retired already (another connection said so first)
+            # Several connections fail within one event: say it once.
+            news = moment - self._reconnected_at > RETIRE_QUIET
             self._reconnected_at = moment
         self._log(
-            logging.WARNING,
+            logging.WARNING if news else logging.DEBUG,
             "SQLSTATE %s: the server is no longer the one to use (a failover?); retiring "
             "every connection opened before it",
             sqlstate,

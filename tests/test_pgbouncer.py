@@ -188,3 +188,24 @@ def test_a_request_through_pgbouncer_costs_no_more_round_trips_than_stock_django
     print(f"\n{bouncer.pool_mode} mode, 10 requests: stock Django {stock} queries, ours {ours}")
     assert ours <= stock
     assert ours == 10  # the requests' own queries, nothing else
+
+
+def test_a_role_given_in_options_that_pgbouncer_ignores_is_given_by_set(
+    server: Any, admin: Any
+) -> None:
+    with admin.cursor() as cur:
+        cur.execute("DROP ROLE IF EXISTS pgpool_assumed")
+        cur.execute("CREATE ROLE pgpool_assumed NOLOGIN")
+    with ThrowawayPgBouncer(server, "session", ignore_startup_parameters="options") as bouncer:
+        pool = ConnectionPool(
+            0, 2, session_settings={"role": "pgpool_assumed"}, **bouncer.info.connect_kwargs()
+        )
+        try:
+            conn = pool.getconn()
+            assert query(conn, "SELECT current_setting('role')") == "pgpool_assumed"
+            conn.rollback()
+            pool.putconn(conn)
+        finally:
+            pool.closeall()
+    with admin.cursor() as cur:
+        cur.execute("DROP ROLE IF EXISTS pgpool_assumed")
