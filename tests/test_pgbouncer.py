@@ -9,17 +9,21 @@ counted by a TCP proxy between the client and PgBouncer.
 
 from __future__ import annotations
 
+import io
+import json
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg2
 import pytest
+from django.core.management import call_command
 from django.db import connections
 from django.db.backends.postgresql.base import DatabaseWrapper as StockWrapper
 
-from django_pgpool import base, registry
+from django_pgpool import base, registry, status
 from django_pgpool.pool import ConnectionPool
-from tests.helpers import PoolLoad
+from tests.helpers import PoolLoad, wait_for
 from tests.pgbouncer import (  # the fixtures register under their names without _fixture
     ThrowawayPgBouncer,
     pgbouncer_session_fixture,  # noqa: F401
@@ -209,3 +213,56 @@ def test_a_role_given_in_options_that_pgbouncer_ignores_is_given_by_set(
             pool.closeall()
     with admin.cursor() as cur:
         cur.execute("DROP ROLE IF EXISTS pgpool_assumed")
+
+
+@pytest.fixture
+def database_access(django_db_blocker: Any) -> Iterator[None]:
+    """Database access without pytest-django's test case: the commands reach the ad-hoc
+    alias from threads of their own, which a test case's isolation would refuse."""
+    with django_db_blocker.unblock():
+        yield
+
+
+@pytest.mark.usefixtures("database_access")
+def test_the_commands_work_for_a_database_behind_pgbouncer(
+    bouncer: ThrowawayPgBouncer, bouncer_proxy: TcpProxy
+) -> None:
+    alias = "bounced_commands"
+    settings = django_settings(bouncer, bouncer_proxy, "django_pgpool")
+    connections.settings[alias] = settings
+    connections[alias] = base.DatabaseWrapper(settings, alias=alias)
+    out = io.StringIO()
+    try:
+        requests_through(alias, 3)
+        before = opened(alias)
+        wait_for(lambda: own_pool_published(alias), what="this process's snapshot")
+        call_command("poolstatus", "--database", alias, "--format", "json", stdout=out)
+        document = json.loads(out.getvalue())
+        processes = document["databases"][alias]["processes"]
+        assert [p["pid"] for p in processes] == [os.getpid()]
+        for args in ([], ["--wait", "10"]):
+            out = io.StringIO()
+            call_command("poolclose", "--database", alias, *args, stdout=out)
+        assert "every process has reconnected" in out.getvalue()
+        for args in (["--wait", "10"],):
+            out = io.StringIO()
+            call_command("poolpause", "--database", alias, *args, stdout=out)
+            call_command("poolresume", "--database", alias, "--wait", "10", stdout=out)
+        requests_through(alias, 3)  # and it serves again, on new connections to PgBouncer
+        assert opened(alias) > before
+    finally:
+        connections[alias].close()
+        del connections[alias]
+        del connections.settings[alias]
+        registry.close_pools(alias=alias)
+
+
+def opened(alias: str) -> int:
+    """How many connections the alias's pools in this process have opened."""
+    return sum(entry.pool.get_stats()["connections_num"] for entry in registry.entries(alias))
+
+
+def own_pool_published(alias: str) -> bool:
+    snapshots = {s["pid"]: s for s in status.read_snapshots()}
+    own = snapshots.get(os.getpid())
+    return bool(own) and any(alias in pool["aliases"] for pool in own["pools"])
