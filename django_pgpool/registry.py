@@ -48,7 +48,14 @@ class PoolEntry:
     # Replaced (never mutated) under the registry lock, so readers need no lock.
     aliases: frozenset[str] = frozenset()
     database: dict[str, str] = field(default_factory=dict)
+    # Set once the listeners have been told of the new pool (a pause applied,
+    # say): until then other threads that find it wait rather than borrow.
+    ready: threading.Event = field(default_factory=threading.Event, repr=False)
 
+
+# How long a thread waits for the listeners of a pool another thread has just
+# created (they read a small file); past it, it goes on without them.
+READY_WAIT = 5.0
 
 _lock = threading.Lock()
 _pools: dict[tuple[int, str], PoolEntry] = {}
@@ -108,8 +115,15 @@ def get_pool(
                 _pools[key] = entry
                 tell = list(_listeners)
             entry.aliases = entry.aliases | {alias}
-        for listener in tell:
-            listener()  # may read a file: not under the lock
+        if tell:
+            try:
+                for listener in tell:
+                    listener()  # may read a file: not under the lock
+            finally:
+                entry.ready.set()
+    if not entry.ready.is_set():
+        # Another thread is telling the listeners of this new pool; a moment.
+        entry.ready.wait(READY_WAIT)
     return entry.pool
 
 

@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
+from django_pgpool import registry
 from django_pgpool.errors import PoolTimeout
+from django_pgpool.options import PoolOptions
 from tests.conftest import MakePool, backend_pid
 from tests.helpers import PoolLoad, server_connections, wait_for
-from tests.pgserver import ThrowawayServer
+from tests.pgserver import ServerInfo, ThrowawayServer
 
 
 def test_pausing_closes_the_idle_connections_at_once(make_pool: MakePool, admin: Any) -> None:
@@ -94,3 +96,42 @@ def test_pause_restart_resume_under_load_fails_no_request(
         f"\npause, restart, resume under 8 threads: drained in {drained:.2f} s, paused for "
         f"{paused_for:.2f} s, {load.done} requests, none failed"
     )
+
+
+def test_a_pool_is_not_lent_from_before_the_listeners_of_its_creation_ran(
+    server: ServerInfo,
+) -> None:
+    # What the status listener does for a process started while its alias is
+    # paused: pause the new pool. Another thread that finds the pool meanwhile
+    # must not borrow before that.
+    listening = threading.Event()
+
+    def pause_new_pools() -> None:
+        listening.set()
+        time.sleep(0.3)
+        for entry in registry.entries("paused_at_birth"):
+            entry.pool.pause()
+
+    params = {**server.connect_kwargs(), "application_name": "pgpool-paused-at-birth"}
+    options = PoolOptions(minconn=0, maxconn=1, timeout=0.5)
+    registry._listeners.append(pause_new_pools)
+    outcome: list[BaseException | None] = []
+
+    def second_borrower() -> None:
+        listening.wait(5)
+        pool = registry.get_pool("paused_at_birth", params, options)
+        try:
+            pool.putconn(pool.getconn())
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    other = threading.Thread(target=second_borrower)
+    other.start()
+    try:
+        registry.get_pool("paused_at_birth", params, options)
+        other.join(10)
+    finally:
+        registry._listeners.remove(pause_new_pools)
+        registry.close_pools(alias="paused_at_birth")
+    assert len(outcome) == 1 and isinstance(outcome[0], PoolTimeout), outcome
