@@ -73,7 +73,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from tests.pgserver import HOST, SERVER_OS_USER, ServerInfo
+from tests.pgserver import HOST, SERVER_OS_USER, ServerInfo, free_port
 
 __all__ = [
     "PgBouncerError",
@@ -224,13 +224,6 @@ def pgbouncer_version(binary: str | None = None) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _accepts(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -304,7 +297,7 @@ class ThrowawayPgBouncer:
         self.logfile = os.path.join(self.basedir, "pgbouncer.log")
         self.pidfile = os.path.join(self.basedir, "pgbouncer.pid")
         self._stderr = os.path.join(self.basedir, "stderr.log")
-        self.port = _free_port()
+        self.port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         try:
             if self._ids is not None:
@@ -394,7 +387,7 @@ class ThrowawayPgBouncer:
             log = _tail(self._stderr) + "\n" + _tail(self.logfile)
             self._kill()
             if "Address already in use" in log and attempt < _PORT_ATTEMPTS - 1:
-                self.port = _free_port()  # lost a race for the port
+                self.port = free_port()  # lost a race for the port
                 continue
             raise PgBouncerError(
                 f"pgbouncer did not start on {HOST}:{self.port}\n--- {self._stderr} ---\n"

@@ -178,7 +178,7 @@ def find_bindir() -> str:
 # --------------------------------------------------------------------------- #
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
@@ -299,7 +299,7 @@ class ThrowawayServer:
         if password is None:
             password = self._stored_password() or secrets.token_urlsafe(24)
         if port is None:
-            port = self._configured_port() or _free_port()
+            port = self._configured_port() or free_port()
         self.info = ServerInfo(
             host=HOST,
             port=port,
@@ -487,7 +487,7 @@ class ThrowawayServer:
             if self._fixed_port or not port_taken or attempt == _PORT_ATTEMPTS - 1:
                 raise PgServerError(self._failure("pg_ctl start", proc))
             # lost a race for the port: pick another one
-            self.info = replace(self.info, port=_free_port())
+            self.info = replace(self.info, port=free_port())
 
     def _pg_ctl_start(self, action: str) -> subprocess.CompletedProcess[str]:
         args = ["pg_ctl", action, f"--pgdata={self.datadir}", f"--log={self.logfile}"]
