@@ -669,12 +669,16 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     self._waiters.remove(waiter)
                     break
             victim = self._used.pop(token, None)
+            dropped = False
             if victim is not None:
                 # Keep the slot until it is closed.
                 self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), victim)
             elif conn is not None and not self._placed_locked(conn):
-                victim = conn  # dropped half-way: its slot is free already
+                victim, dropped = conn, True  # dropped half-way: its slot is free already
             if victim is None and token not in self._reserved:
+                # Nothing held. An interrupted step may still have dropped a
+                # record (its slot freed, nobody told): pass a free slot on.
+                self._slot_freed_locked()
                 return
             if victim is not None:
                 self._deadlines.pop(id(victim), None)  # left by an interrupted round trip
@@ -682,6 +686,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             victim.loan = 0
             _close_quietly(victim)
             self._log(logging.DEBUG, "connection closed (its borrow or return was interrupted)")
+        if dropped:
+            with self._lock:
+                self._slot_freed_locked()  # closed: now the slot can go to a waiter
         self._release(token)
 
     def _placed_locked(self, conn: PooledConnection) -> bool:
@@ -816,10 +823,13 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     def _replace_lent(self, token: int, conn: PooledConnection, problem: str) -> None:
         """Close a connection lent under ``token`` that failed its check; keep the slot."""
         with self._lock:
-            # Reserved first, then the loan dropped: both at once for an
-            # instant is what _give_back() sorts out if interrupted.
-            self._reserved[token] = _Reservation(OPENING, threading.current_thread())
+            # The loan dropped, then the slot reserved: never both at once,
+            # which another thread would see if this were interrupted in
+            # between. Interrupted there, the slot is free already and
+            # _give_back() has nothing to undo (the connection closes when
+            # collected).
             del self._used[token]
+            self._reserved[token] = _Reservation(OPENING, threading.current_thread())
             conn.loan = 0
             self._stats[problem] += 1
             self._stats[CONNECTIONS_CLOSED] += 1
@@ -1119,9 +1129,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 conn.loan = 0
                 self._make_available(conn)
                 return
-            # Closed below; the slot stays reserved (under the loan's number) until then.
-            self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
+            # Closed below; the slot stays reserved (under the loan's number)
+            # until then. The loan dropped first, as in _replace_lent():
+            # interrupted in between, _give_back(token, conn) closes it.
             del self._used[token]
+            self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
             conn.loan = 0
             conn.borrower = None
             reason = None if outcome in (CLOSE, KEPT, KEPT_RESET) else outcome
@@ -1518,12 +1530,14 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             for token in list(self._used):
                 if not (self._unreferenced_locked(token) or _orphaned(self._used[token])):
                     continue
-                conn = self._used[token]
-                reclaimed.append((conn, CONNECTIONS_RECLAIMED, token))
-                # The slot stays taken until it is closed.
+                # The slot stays taken until it is closed. The loan dropped
+                # first, as in _replace_lent(): never both at once.
+                # Interrupted in between, nothing refers to the connection
+                # any more: its slot is free and it closes when collected.
+                conn = self._used.pop(token)
                 self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
-                del self._used[token]
                 conn.reclaimed = True
+                reclaimed.append((conn, CONNECTIONS_RECLAIMED, token))
         for conn, _, _ in reclaimed:
             borrower = conn.borrower
             self._log(

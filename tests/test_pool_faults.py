@@ -281,6 +281,8 @@ def scenario(pool: ConnectionPool, lending: Lending, injector: Injector) -> None
         # in a cleanup path come back after ABANDONED_AFTER (checked below).
         with suppress(Injected, PoolError), injector.tracing():
             operation()
+        # Whatever was interrupted, what another thread can see is consistent.
+        pool.check_invariants()
 
     step(borrow)
     step(borrow)
@@ -301,6 +303,8 @@ def scenario(pool: ConnectionPool, lending: Lending, injector: Injector) -> None
     step(borrow)
     while held:
         step(give_back)
+    step(pool.getconn)  # and dropped: nobody can return it
+    step(pool.maintain)  # takes it back
 
 
 @pytest.mark.usefixtures("quiet_thread_faults")
