@@ -11,7 +11,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import OperationalError, connection, connections, transaction
 from django.test import override_settings
 
-from django_pgpool import base, registry
+from django_pgpool import base, registry, wrapper
 from django_pgpool.checks import check_pool_options
 from tests.helpers import make_wrapper, scalar
 from tests.pgserver import ServerInfo
@@ -213,7 +213,7 @@ def test_system_checks_pass_on_valid_settings() -> None:
 
 def test_psycopg3_picked_by_django_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # Installing psycopg 3 here would switch the whole suite to it; inject the flag.
-    monkeypatch.setattr(base, "is_psycopg3", True)
+    monkeypatch.setattr(wrapper, "is_psycopg3", True)
     with pytest.raises(ImproperlyConfigured, match="Django has picked psycopg 3") as info:
         wrapper_with()
     assert "pip uninstall psycopg" in str(info.value)
@@ -284,12 +284,12 @@ def test_reset_always_adds_exactly_one_round_trip(
 def test_using_the_engine_without_the_app_installed_says_what_to_add(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(base, "_warned_not_installed", False)
+    monkeypatch.setattr(wrapper, "_warned_not_installed", False)
     with override_settings(INSTALLED_APPS=["django.contrib.contenttypes", "tests.testapp"]):
         wrapper_with()
         wrapper_with()
     messages = [r.getMessage() for r in caplog.records if r.name == "django_pgpool"]
-    assert messages == [base.NOT_INSTALLED_MESSAGE]
+    assert messages == [wrapper.NOT_INSTALLED_MESSAGE]
     assert "Add 'django_pgpool' to INSTALLED_APPS" in messages[0]
 
 

@@ -10,8 +10,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError
 from django.db import connections
 
-from ..base import DatabaseWrapper
-from ..checks import ENGINES
+from ..checks import ENGINES, pooled_engine
+from ..wrapper import PooledWrapperMixin
 
 __all__ = ["add_database_argument", "database_wrapper", "pool_config", "selected_aliases"]
 
@@ -29,7 +29,9 @@ def add_database_argument(parser: ArgumentParser, action: str) -> None:
 
 
 def _pooled_aliases() -> list[str]:
-    return [alias for alias in connections if connections.settings[alias].get("ENGINE") in ENGINES]
+    return [
+        alias for alias in connections if pooled_engine(connections.settings[alias].get("ENGINE"))
+    ]
 
 
 def selected_aliases(requested: Iterable[str] | None) -> list[str]:
@@ -56,10 +58,10 @@ def selected_aliases(requested: Iterable[str] | None) -> list[str]:
     return chosen
 
 
-def database_wrapper(alias: str) -> DatabaseWrapper:
+def database_wrapper(alias: str) -> PooledWrapperMixin:
     """Return the alias's wrapper; raise CommandError if it is not one of this ENGINE's."""
     wrapper = connections[alias]
-    if not isinstance(wrapper, DatabaseWrapper):  # an ENGINE string we know, another class
+    if not isinstance(wrapper, PooledWrapperMixin):  # an ENGINE string we know, another class
         raise CommandError(f"database {alias!r} is not a django_pgpool DatabaseWrapper")
     return wrapper
 

@@ -18,8 +18,8 @@ from django.core.management import CommandError
 from django.db import Error as DatabaseError
 from django.db.backends.utils import CursorWrapper
 
-from ..base import NO_DB_ALIAS
 from ..identity import TAG_PATTERN
+from ..wrapper import NO_DB_ALIAS
 from ._aliases import database_wrapper
 from ._redaction import database_identity, one_line
 

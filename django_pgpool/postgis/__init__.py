@@ -1,0 +1,1 @@
+"""The ENGINE ``django_pgpool.postgis``: GeoDjango's PostGIS backend, pooled."""

@@ -1,0 +1,363 @@
+"""The pooled behaviour of a Django database wrapper, as a mixin.
+
+``PooledWrapperMixin`` goes first in the bases of any wrapper derived from
+Django's postgresql one (the plain ENGINE in ``base.py``, PostGIS in
+``postgis/base.py``, a third party's subclass of either): it replaces
+``get_new_connection()`` and ``_close()`` with a borrow from and a return to
+a process-global pool. Only what pooling changes is overridden; everything
+else (operations, introspection, schema editor, test-database creation) is
+the wrapped backend's own.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import psycopg2
+import psycopg2.extras
+from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
+from django.db.utils import DEFAULT_DB_ALIAS
+from django.utils.asyncio import async_unsafe
+
+from . import forking, registry, status
+from .identity import application_name
+from .options import POOL_KEYS, PoolOptions, parse_options
+from .pool import ConnectionPool
+from .session import PooledConnection
+
+__all__ = ["PooledWrapperMixin"]
+
+logger = logging.getLogger("django_pgpool")
+
+# Every pool the ENGINE creates publishes its status from then on (the pool
+# core and the registry know nothing of Django's settings or of status files).
+registry.on_pool_created(status.start_publishing)
+
+# django.db.backends.base.base.NO_DB_ALIAS: the alias of the short-lived
+# connection Django opens for CREATE/DROP DATABASE. Never pooled: it must
+# not linger on the maintenance database.
+NO_DB_ALIAS = "__no_db__"
+
+PSYCOPG3_MESSAGE = (
+    "django_pgpool runs on psycopg2, but Django has picked psycopg 3 because the "
+    "'psycopg' package is installed in this environment. Uninstall it "
+    "(pip uninstall psycopg psycopg-binary psycopg-c psycopg-pool) to use "
+    "ENGINE 'django_pgpool', or use ENGINE 'django.db.backends.postgresql' with "
+    "OPTIONS['pool'] for Django's own psycopg 3 pool."
+)
+
+
+NOT_INSTALLED_MESSAGE = (
+    "DATABASES uses a django_pgpool ENGINE but 'django_pgpool' is not in INSTALLED_APPS: "
+    "manage.py poolstatus, manage.py poolclose and the pool's system checks are "
+    "unavailable. Add 'django_pgpool' to INSTALLED_APPS."
+)
+_warned_not_installed = False
+
+
+def _warn_if_app_not_installed() -> None:
+    """Say once per process that the commands and checks need the app installed."""
+    global _warned_not_installed
+    if _warned_not_installed or not apps.ready or apps.is_installed("django_pgpool"):
+        return
+    _warned_not_installed = True
+    logger.warning(NOT_INSTALLED_MESSAGE)
+
+
+TCP_KEEPALIVE_DEFAULTS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+def _json_passthrough(value: Any) -> Any:
+    return value
+
+
+def _prepare_new_connection(conn: PooledConnection, isolation_level: int | None) -> None:
+    """Do once per physical connection what Django does on every connect."""
+    if isolation_level is not None:
+        conn.isolation_level = isolation_level
+    # As Django's postgresql get_new_connection(): JSONField decodes itself.
+    psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=_json_passthrough)
+    # Django's default; its set_autocommit(True) at each borrow then costs nothing.
+    conn.autocommit = True
+
+
+class _ReturnedConnection:
+    """Stands in for a connection that _close() gave back to the pool.
+
+    Django's close() then forgets it; code that calls _close() alone and keeps
+    using the wrapper finds it unusable, as a closed psycopg2 connection.
+    """
+
+    closed = 1
+    pool_pid = 0  # not inherited from another process (see ensure_connection)
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        raise psycopg2.InterfaceError("connection already closed (returned to the pool)")
+
+
+RETURNED = _ReturnedConnection()
+
+
+@dataclass
+class _BorrowPlan:
+    """What a wrapper worked out for one state of its settings (see _plan())."""
+
+    # Not in the repr: both hold the password.
+    signature: tuple[Any, ...] = field(repr=False)
+    params: dict[str, Any] = field(repr=False)
+    options: PoolOptions
+    session_settings: dict[str, str]
+    pool: ConnectionPool | None = None
+
+
+def _sharing_check(wrapper: PooledWrapperMixin) -> Callable[[], bool]:
+    """Return a check of whether ``wrapper`` lets other threads use its connection."""
+    ref = weakref.ref(wrapper)
+
+    def shared() -> bool:
+        owner = ref()
+        return owner is not None and owner.allow_thread_sharing
+
+    return shared
+
+
+# Every live wrapper, so that a forked child can make them forget the
+# connections they hold (the sessions are the parent's). Not overriding
+# ensure_connection() for this keeps Django's own test patches working.
+_wrappers: weakref.WeakSet[PooledWrapperMixin] = weakref.WeakSet()
+
+
+def _forget_inherited_connections() -> None:
+    pid = os.getpid()
+    for wrapper in list(_wrappers):
+        # The plan holds the parent's pool: worked out again at the next borrow.
+        wrapper._pgpool_plan = None
+        connection = wrapper.connection
+        if connection is not None and getattr(connection, "pool_pid", 0) not in (0, pid):
+            # Another parent thread may have been inside a query on it: never
+            # close it here (see ConnectionPool.after_fork_in_child).
+            forking.detach_inherited(connection, close=False)
+            wrapper.connection = None
+            wrapper._pgpool = None
+
+
+forking.register("wrappers", after_in_child=_forget_inherited_connections)
+
+
+if TYPE_CHECKING:
+    from django.db.backends.postgresql.base import DatabaseWrapper as _Base
+else:
+    _Base = object
+
+
+class PooledWrapperMixin(_Base):
+    """Pooling for a DatabaseWrapper derived from Django's postgresql one (list it first)."""
+
+    def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
+        if is_psycopg3:
+            raise ImproperlyConfigured(PSYCOPG3_MESSAGE)
+        super().__init__(settings_dict, alias)
+        _warn_if_app_not_installed()
+        # The pool the current connection was borrowed from: it may no longer
+        # be the registry's pool for these settings when it is returned.
+        self._pgpool: ConnectionPool | None = None
+        self._pgpool_loan = 0  # the loan number of the current connection
+        self._pgpool_plan: _BorrowPlan | None = None
+        self._pgpool_sharing = _sharing_check(self)
+        _wrappers.add(self)
+
+    @property
+    def pooled(self) -> bool:
+        return self.alias != NO_DB_ALIAS
+
+    def pool_options(self) -> PoolOptions:
+        """Return the validated pool options; raise ImproperlyConfigured if they are wrong."""
+        # Parsed again only when the settings change: _plan() keeps the result.
+        return parse_options(
+            self.alias, self.settings_dict["OPTIONS"], self.settings_dict.get("CONN_MAX_AGE", 0)
+        )
+
+    @property
+    def pool(self) -> None:
+        """Django's psycopg 3 pool: never used here (truthy would change Django's code paths)."""
+        return None
+
+    def _settings_signature(self) -> tuple[Any, ...]:
+        """Return what the connect parameters are made of (cheap to compare)."""
+        sd = self.settings_dict
+        return (
+            os.getpid(),
+            sd["NAME"],
+            sd["USER"],
+            sd["PASSWORD"],
+            sd["HOST"],
+            sd["PORT"],
+            sd.get("CONN_MAX_AGE", 0),
+            self.timezone_name,
+            sd["OPTIONS"],
+        )
+
+    def _plan(self) -> _BorrowPlan:
+        """Return the validated options, connect parameters and pool for the current settings.
+
+        Worked out again only when the settings change (the test runner's NAME
+        switch, override_settings, fork), not at every borrow.
+        """
+        signature = self._settings_signature()
+        plan = self._pgpool_plan
+        if plan is None or plan.signature != signature:
+            # Validate before Django reads OPTIONS (e.g. its own 'pool').
+            options = self.pool_options()
+            params = self._pooled_connection_params(options)
+            frozen = (*signature[:-1], copy.deepcopy(signature[-1]))
+            plan = self._pgpool_plan = _BorrowPlan(
+                frozen, params, options, self._session_settings()
+            )
+        return plan
+
+    def get_connection_params(self) -> dict[str, Any]:
+        if self.pooled:
+            return dict(self._plan().params)
+        return self._libpq_params()
+
+    def _libpq_params(self) -> dict[str, Any]:
+        """Return Django's connect parameters without the pool's own OPTIONS."""
+        params: dict[str, Any] = super().get_connection_params()
+        for key in POOL_KEYS:
+            params.pop(key, None)
+        return params
+
+    def _pooled_connection_params(self, options: PoolOptions) -> dict[str, Any]:
+        params = self._libpq_params()
+        params["application_name"] = application_name(
+            self.alias, params.get("application_name") or os.environ.get("PGAPPNAME")
+        )
+        # libpq waits forever for an unreachable server by default; a borrower
+        # opening a connection must give up in about the pool's timeout.
+        params.setdefault("connect_timeout", max(2, math.ceil(min(options.timeout, 10))))
+        # A query in flight to a server host that vanished (no RST) would wait
+        # for Linux's 2-hour keepalive default; these notice it in about 60 s.
+        for key, value in TCP_KEEPALIVE_DEFAULTS.items():
+            params.setdefault(key, value)
+        return params
+
+    def _session_settings(self) -> dict[str, str]:
+        """Return what every pooled session is given when it is opened.
+
+        The time zone and the role: Django then finds nothing to SET at each
+        borrow. The pool gives them at connect time (libpq ``options``, which
+        DISCARD ALL keeps), or with SET right after connecting behind a
+        pooler that refuses ``options`` (PgBouncer before 1.20).
+        """
+        settings = {}
+        if self.timezone_name:
+            settings["TimeZone"] = self.timezone_name
+        if role := self.settings_dict["OPTIONS"].get("assume_role"):
+            settings["role"] = str(role)
+        return settings
+
+    def _isolation_level(self) -> int | None:
+        """Set and return the isolation level from OPTIONS, as Django's get_new_connection."""
+        options = self.settings_dict["OPTIONS"]
+        if "isolation_level" not in options:
+            self.isolation_level = IsolationLevel.READ_COMMITTED
+            return None
+        try:
+            self.isolation_level = IsolationLevel(options["isolation_level"])
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"Invalid transaction isolation level {options['isolation_level']} "
+                f"specified. Use one of the psycopg.IsolationLevel values."
+            ) from None
+        return int(self.isolation_level)
+
+    @async_unsafe
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        if not self.pooled:
+            return super().get_new_connection(conn_params)
+        plan = self._plan()
+        isolation_level = self._isolation_level()
+        pool = plan.pool
+        if pool is None or pool.closed or conn_params != plan.params:
+            pool = registry.get_pool(
+                self.alias,
+                conn_params,
+                plan.options,
+                configure=lambda conn: _prepare_new_connection(conn, isolation_level),
+                extra_key=(isolation_level,),
+                session_settings=plan.session_settings,
+            )
+            if conn_params == plan.params:
+                plan.pool = pool
+        connection = None
+        try:
+            connection = pool.getconn()
+            # Recorded before anything else can interrupt: close() returns it.
+            self._pgpool, self._pgpool_loan = pool, connection.loan
+            connection.shared = self._pgpool_sharing
+        except BaseException:
+            # Interrupted (a signal handler's exception): Django never sees
+            # this connection, so it goes back now.
+            if connection is not None:
+                self._pgpool = None
+                pool.putconn(connection, close=True, loan=connection.loan)
+            raise
+        return connection
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        # Pooled connections are already in autocommit mode at each borrow;
+        # psycopg2's setter releases the GIL even when nothing changes.
+        if self.pooled and self.connection.autocommit == autocommit:
+            return
+        super()._set_autocommit(autocommit)  # type: ignore[misc]
+
+    def _configure_role(self, connection: Any) -> bool:
+        # Pooled connections got the role at connect time (libpq options).
+        if self.pooled:
+            return False
+        result: bool = super()._configure_role(connection)  # type: ignore[misc]
+        return result
+
+    def _close(self) -> None:
+        pool, self._pgpool = self._pgpool, None
+        if pool is None or self.connection is None:
+            super()._close()  # type: ignore[misc]
+            return None
+        # Inside atomic() Django keeps self.connection after close(): it must
+        # then never be lent to anyone else, so it is closed, not kept.
+        connection, self.connection = self.connection, RETURNED
+        with self.wrap_database_errors:
+            pool.putconn(connection, close=self.in_atomic_block, loan=self._pgpool_loan)
+        if self.in_atomic_block:
+            # Django keeps self.connection inside atomic(): the closed one.
+            self.connection = connection
+        return None
+
+    def close_pool(self) -> None:
+        """Close every pool of this process that reaches this database.
+
+        Django's test-database code calls this before CREATE DATABASE ...
+        TEMPLATE and DROP DATABASE, which need no other session on it.
+        """
+        if not self.pooled:
+            return
+        database = registry.database_of(self._libpq_params())
+        database.pop("user", None)
+        registry.close_pools(database=database)
