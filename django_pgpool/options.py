@@ -101,7 +101,7 @@ class Problem(NamedTuple):
 E_VALUE = "django_pgpool.E001"  # a pool option has a wrong type or is out of range
 E_MIN_MAX = "django_pgpool.E002"  # minconn > maxconn
 E_DJANGO_POOL = "django_pgpool.E003"  # OPTIONS['pool'] (Django's psycopg 3 pool)
-E_CONN_MAX_AGE = "django_pgpool.E004"  # CONN_MAX_AGE != 0
+E_CONN_MAX_AGE = "django_pgpool.E004"  # CONN_MAX_AGE not None nor a number >= 0
 E_CALLABLE = "django_pgpool.E005"  # OPTIONS['credentials'] or ['check'] can't be imported or called
 
 # key -> what the callable must do (for the error message)
@@ -186,15 +186,19 @@ def option_problems(alias: str, options: Mapping[str, Any], conn_max_age: Any = 
                 "OPTIONS['minconn'] and OPTIONS['maxconn'].",
             )
         )
-    if conn_max_age != 0:
+    if conn_max_age is not None and (
+        isinstance(conn_max_age, bool)
+        or not isinstance(conn_max_age, int | float)
+        or not conn_max_age >= 0
+    ):
         problems.append(
             Problem(
                 E_CONN_MAX_AGE,
                 f"DATABASES[{alias!r}]['CONN_MAX_AGE']",
-                f"DATABASES[{alias!r}]['CONN_MAX_AGE'] is {conn_max_age!r}; django_pgpool needs "
-                "CONN_MAX_AGE = 0, because the pool keeps the connections: each request "
-                "borrows one and gives it back when Django closes it. Set CONN_MAX_AGE to 0 "
-                "(or remove it) and size the pool with OPTIONS['minconn'] and OPTIONS['maxconn'].",
+                f"DATABASES[{alias!r}]['CONN_MAX_AGE'] is {conn_max_age!r}; it must be 0 (each "
+                "request borrows a connection and gives it back), a number of seconds > 0 or "
+                "None (a thread keeps the connection it borrowed across requests, as a lease "
+                "the pool takes back for a borrower that would otherwise wait).",
             )
         )
     return problems

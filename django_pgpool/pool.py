@@ -93,6 +93,7 @@ from .stats import (
     CONNECTIONS_NUM,
     CONNECTIONS_RECLAIMED,
     GAUGE_KEYS,
+    LEASES_REVOKED,
     REQUESTS_ERRORS,
     REQUESTS_NUM,
     REQUESTS_QUEUED,
@@ -457,6 +458,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self._stats = PoolStats()
         # Loan and reservation numbers; next() on a count is atomic under the GIL.
         self._tokens = itertools.count(1)
+        # Set once a lease went between requests: until then a queued borrow
+        # doesn't look for one to revoke.
+        self._leasing = False
         self._refill_after = 0.0
         self._refill_failures = 0  # in a row: sets the backoff
         # Round trips under way outside the lock (health checks, resets), by
@@ -510,7 +514,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             problem = None if conn is None else self._problem(conn, started + self.timeout, False)
             if conn is None or problem is not None:
                 conn = self._borrow(token, conn, problem, started + self.timeout)
-            conn.borrowed_at = time.monotonic()
+            conn.borrowed_at = conn.claimed_at = time.monotonic()
             conn.borrower = threading.current_thread()
             conn.leak_reported = False
             conn.shared = None
@@ -610,6 +614,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             waiter = _Waiter(token, started)
             self._waiters.append(waiter)
             self._stats[REQUESTS_QUEUED] += 1
+            # Rather than wait, take back a lease whose holder is between
+            # requests (the one idle longest): returned below, outside the
+            # lock, it goes to the longest waiter (maybe this one).
+            revoked = self._revoke_lease_locked() if self._paused_at is None else None
             # A thread died holding a connection: maintenance frees its slot,
             # which goes to the longest waiter (maybe this one). Looked for by
             # the first in line only: the scan calls is_alive() on every
@@ -619,6 +627,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             if len(self._waiters) == 1 and any(_orphaned(c) for c in self._used.values()):
                 maintenance.wake()
 
+        if revoked is not None:
+            # For its holder, which never touches it again (its lease_claim()
+            # fails): reset, then handed over. Interrupted, putconn() closes it.
+            self.putconn(revoked, loan=revoked.loan)
         if not waiter.wait(self.timeout - (time.monotonic() - started)):
             # Before giving up: a borrower thread may have died since the last
             # maintenance round; its slot would go to the longest waiter.
@@ -1125,6 +1137,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 # No longer this thread's: a handed-over connection must not
                 # look orphaned if this thread exits before the waiter runs.
                 conn.borrower = None
+                conn.revocable_since = conn.revoked_at = 0.0
                 del self._used[token]
                 conn.loan = 0
                 self._make_available(conn)
@@ -1193,19 +1206,101 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         ):
             maintenance.wake()
 
+    # -- leases (Django's CONN_MAX_AGE) ---------------------------------------
+
+    def lease_idle(self, conn: PooledConnection, loan: int) -> bool:
+        """Say that the holder of loan ``loan`` is between requests; return True
+        if it may keep ``conn`` as a lease.
+
+        Until its ``lease_claim()``, the holder doesn't touch the connection,
+        and the pool may revoke the loan for a borrower that would otherwise
+        wait: reset the session and lend it on. False: return it now instead,
+        because a borrower waits already, or it is retired (max_lifetime,
+        reconnect(), a failover), or the pool is paused or closed.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if (
+                self._used.get(loan) is not conn
+                or conn.revoked_at
+                or self._waiters
+                or self.closed
+                or self._paused_at is not None
+                or conn.failover_seen_at
+                or self._retired(conn, now)
+            ):
+                return False
+            self._leasing = True
+            conn.revocable_since = now
+            return True
+
+    def lease_claim(self, conn: PooledConnection, loan: int) -> bool:
+        """Return True if the holder of loan ``loan`` may use ``conn`` again (it is
+        in use until the next ``lease_idle()``), False if the pool revoked the
+        loan: the holder must forget ``conn`` and never touch it again."""
+        with self._lock:
+            if self._used.get(loan) is not conn or conn.revoked_at:
+                return False
+            conn.revocable_since = 0.0
+            conn.claimed_at = time.monotonic()
+            conn.leak_reported = False
+            return True
+
+    def _revoke_lease_locked(self) -> PooledConnection | None:
+        """Revoke the lease between requests the longest, if any; return its
+        connection, for the caller to return with its loan. Lock held."""
+        if not self._leasing:
+            return None
+        revoked = None
+        for conn in self._used.values():
+            if conn.revocable_since and (
+                revoked is None or conn.revocable_since < revoked.revocable_since
+            ):
+                revoked = conn
+        if revoked is not None:
+            revoked.revocable_since = 0.0
+            revoked.revoked_at = time.monotonic()
+            self._stats[LEASES_REVOKED] += 1
+        return revoked
+
+    def _take_leases_locked(
+        self,
+        reason: str | None,
+        reserved: list[tuple[PooledConnection, str | None, int]],
+        retired_at: float | None = None,
+    ) -> None:
+        """Move the leases between requests (with ``retired_at``: the retired ones)
+        to slots reserved for closing them, as _take_idle_locked(). Lock held.
+
+        Their holders' lease_claim() fails from then on.
+        """
+        for loan, conn in list(self._used.items()):
+            if not conn.revocable_since or (
+                retired_at is not None and not self._retired(conn, retired_at)
+            ):
+                continue
+            reserved.append((conn, reason, loan))
+            del self._used[loan]  # the loan ended first, as in _replace_lent()
+            self._reserved[loan] = _Reservation(CLOSING, threading.current_thread(), conn)
+            conn.revocable_since = 0.0
+            conn.revoked_at = time.monotonic()
+            self._stats[LEASES_REVOKED] += 1
+
     # -- closing -------------------------------------------------------------
 
     def reconnect(self) -> None:
         """Replace every connection, gracefully (PgBouncer's RECONNECT).
 
-        Idle connections are closed now, borrowed ones when they are
-        returned; the pool keeps serving with new connections meanwhile.
+        Idle connections and leases between requests are closed now,
+        borrowed ones when they are returned (or their lease ends); the pool
+        keeps serving with new connections meanwhile.
         """
         reserved: list[tuple[PooledConnection, str | None, int]] = []
         try:
             with self._lock:
                 self._reconnected_at = time.monotonic()
                 self._take_idle_locked(list(self._idle), CONNECTIONS_EXPIRED, reserved)
+                self._take_leases_locked(CONNECTIONS_EXPIRED, reserved)
             maintenance.wake()  # refill minconn with new connections
         finally:
             self._close_reserved(reserved)
@@ -1218,15 +1313,17 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     ) -> None:
         """Move idle connections to slots reserved for closing them. Lock held.
 
-        Each is recorded in ``reserved`` before its reservation is made and
-        taken out of ``_idle`` after: ``_close_reserved(reserved)`` in a
-        ``finally`` then closes whatever an interruption left half moved.
+        Each is recorded in ``reserved``, taken out of ``_idle``, then given
+        its reservation: ``_close_reserved(reserved)`` in a ``finally`` then
+        closes whatever an interruption left half moved.
         """
         for conn in conns:
             token = next(self._tokens)
             reserved.append((conn, reason, token))
-            self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
+            # Out of _idle first: never counted twice, even for an instant
+            # another thread could see after an interruption.
             self._idle.remove(conn)
+            self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
 
     def pause(self) -> None:
         """Stop lending (PgBouncer's PAUSE): borrowers wait, up to their timeout.
@@ -1242,6 +1339,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 if self._paused_at is None:
                     self._paused_at = time.time()
                 self._take_idle_locked(list(self._idle), None, reserved)
+                self._take_leases_locked(None, reserved)
         finally:
             self._close_reserved(reserved)
         self._log(logging.INFO, "paused")
@@ -1332,6 +1430,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                     self._stats.record_wait(now - waiter.since)
                     waiter.wake()
                 self._take_idle_locked(list(self._idle), None, reserved)
+                self._take_leases_locked(None, reserved)
         finally:
             self._close_reserved(reserved)
 
@@ -1351,6 +1450,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 self._recover_abandoned_locked(now, reserved)
                 if not self.closed and self._paused_at is None:
                     self._trim_idle_locked(now, reserved)
+                    self._take_leases_locked(CONNECTIONS_EXPIRED, reserved, retired_at=now)
                     refill = self._reserve_refill_locked(now, len(reserved))
                 cut = self._claim_overdue_locked(now)
             while cut:
@@ -1527,8 +1627,19 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         """
         reclaimed: list[tuple[PooledConnection, str | None, int]] = []
         with self._lock:
+            now = time.monotonic()
             for token in list(self._used):
-                if not (self._unreferenced_locked(token) or _orphaned(self._used[token])):
+                revoked_at = self._used[token].revoked_at
+                # A revocation whose return never ran (its thread interrupted):
+                # the holder, which may never run again, keeps a reference.
+                abandoned = (
+                    revoked_at
+                    and now - revoked_at > self.abandoned_after
+                    and id(self._used[token]) not in self._deadlines  # not being reset
+                )
+                if not (
+                    abandoned or self._unreferenced_locked(token) or _orphaned(self._used[token])
+                ):
                     continue
                 # The slot stays taken until it is closed. The loan dropped
                 # first, as in _replace_lent(): never both at once.
@@ -1574,7 +1685,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             leaks = [
                 c
                 for c in self._used.values()
-                if not c.leak_reported and now - c.borrowed_at > self.leak_timeout
+                # A lease between requests is not in use; in use, it is timed
+                # from its claim, not from its borrow.
+                if not c.leak_reported
+                and not c.revocable_since
+                and now - c.claimed_at > self.leak_timeout
             ]
             for conn in leaks:
                 conn.leak_reported = True
@@ -1583,7 +1698,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             self._log(
                 logging.WARNING,
                 "connection held for %.1f s (leak_timeout=%s) by thread %r, taken at:\n%s",
-                now - conn.borrowed_at,
+                now - conn.claimed_at,
                 self.leak_timeout,
                 conn.borrower.name if conn.borrower else "?",
                 conn.borrow_stack,
@@ -1630,6 +1745,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             self._size_locked(),
             len(self._idle),
             len(self._used),
+            sum(1 for c in self._used.values() if c.revocable_since),
             len(self._waiters),
         )
         return {**dict(zip(GAUGE_KEYS, gauges, strict=True)), **self._stats.counters()}
@@ -1662,6 +1778,10 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             problems.append("a lent connection doesn't carry its loan number")
         if any(conn.loan for conn in self._idle):
             problems.append("an idle connection carries a loan number")
+        if any(conn.revocable_since or conn.revoked_at for conn in self._idle):
+            problems.append("an idle connection is still leased")
+        if any(conn.revocable_since and conn.revoked_at for conn in self._used.values()):
+            problems.append("a revoked lease is revocable again")
         if self._used.keys() & self._reserved.keys():
             problems.append("a number is both a loan and a reservation")
         for waiter in self._waiters:

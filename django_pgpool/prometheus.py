@@ -45,7 +45,8 @@ class PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         connections = GaugeMetricFamily(
             "pgpool_connections",
-            "Connections by state: active (in use), idle, pending (borrowers waiting).",
+            "Connections by state: active (in use), leased (kept by a thread between "
+            "requests, CONN_MAX_AGE), idle, pending (borrowers waiting).",
             labels=[*LABELS, "state"],
         )
         total = GaugeMetricFamily(
@@ -71,7 +72,9 @@ class PoolCollector(Collector):
             pid = str(snapshot["pid"])
             for pool in snapshot["pools"]:
                 labels = [",".join(pool["aliases"]), pool["database"].get("dbname", ""), pid]
-                connections.add_metric([*labels, "active"], pool["pool_in_use"])
+                leased = pool.get("pool_leased", 0)  # absent from older processes' status
+                connections.add_metric([*labels, "active"], pool["pool_in_use"] - leased)
+                connections.add_metric([*labels, "leased"], leased)
                 connections.add_metric([*labels, "idle"], pool["pool_available"])
                 connections.add_metric([*labels, "pending"], pool["requests_waiting"])
                 total.add_metric(labels, pool["pool_size"])

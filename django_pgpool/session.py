@@ -270,6 +270,9 @@ class PooledConnection(ext.connection):
       connection of a thread that exited), ``leak_reported`` when a leak is
       reported (by maintenance), and ``borrower``/``borrowed_at`` when the
       pool hands it to a waiter or takes it back at return.
+    * Written under the pool's lock by the lease calls (``lease_idle()``,
+      ``lease_claim()``) and by a revocation: ``revocable_since``,
+      ``revoked_at`` and ``claimed_at``; read under it by the pool.
     * Written by the thread that holds the loan, outside the lock, right
       after its borrow: ``borrower``, ``borrowed_at``, ``leak_reported``
       (cleared), ``shared``, ``borrow_stack``; and while it holds it:
@@ -309,6 +312,14 @@ class PooledConnection(ext.connection):
     # (a pooler) wouldn't take them in libpq's options; None when it took
     # them there. Set once by the opening thread; the reset replays it.
     session_setup: str | None
+    # Leases (CONN_MAX_AGE): when its holder went between requests, letting the
+    # pool revoke the loan (0.0 while it may be in use); when it was last
+    # claimed for use (a lease's leak timer starts there, not at the borrow).
+    revocable_since: float
+    # When the pool revoked the lease (0.0: not revoked): its holder's next
+    # lease_claim() fails, and the revoking thread returns it for the holder.
+    revoked_at: float
+    claimed_at: float
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
@@ -326,6 +337,7 @@ class PooledConnection(ext.connection):
         self.session_setup = None
         self.failover_seen_at = 0.0
         self.failover_sqlstate = ""
+        self.revocable_since = self.revoked_at = self.claimed_at = 0.0
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         # Track through a subclass of the class the cursor would have had; the

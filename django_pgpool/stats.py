@@ -35,6 +35,7 @@ CONNECTIONS_EXPIRED = "connections_expired"
 CONNECTIONS_CLOSED = "connections_closed"
 CONNECTIONS_RECLAIMED = "connections_reclaimed"
 CONNECTIONS_LEAKED = "connections_leaked"
+LEASES_REVOKED = "leases_revoked"
 
 #: Every figure get_stats() returns, in display order: gauges, then counters.
 GAUGE_KEYS = (
@@ -43,6 +44,9 @@ GAUGE_KEYS = (
     "pool_size",
     "pool_available",
     "pool_in_use",
+    # Of pool_in_use: kept by their borrower between requests (CONN_MAX_AGE),
+    # which the pool takes back for a borrower that would otherwise wait.
+    "pool_leased",
     "requests_waiting",
 )
 COUNTER_KEYS = (
@@ -62,6 +66,7 @@ COUNTER_KEYS = (
     CONNECTIONS_CLOSED,
     CONNECTIONS_RECLAIMED,
     CONNECTIONS_LEAKED,
+    LEASES_REVOKED,
 )
 STATS_KEYS = GAUGE_KEYS + COUNTER_KEYS
 

@@ -24,9 +24,12 @@ import psycopg2
 import psycopg2.extras
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import request_finished
+from django.db import connections
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 from django.db.utils import DEFAULT_DB_ALIAS
 from django.utils.asyncio import async_unsafe
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from . import forking, registry, status
 from .identity import application_name
@@ -149,7 +152,8 @@ def _forget_inherited_connections() -> None:
     for wrapper in list(_wrappers):
         # The plan holds the parent's pool: worked out again at the next borrow.
         wrapper._pgpool_plan = None
-        connection = wrapper.connection
+        # The raw attribute: a lease is never claimed from the parent's pool.
+        connection = wrapper._pgpool_connection
         if connection is not None and getattr(connection, "pool_pid", 0) not in (0, pid):
             # Another parent thread may have been inside a query on it: never
             # close it here (see ConnectionPool.after_fork_in_child).
@@ -167,18 +171,114 @@ else:
     _Base = object
 
 
+def _leases_between_requests(**kwargs: Any) -> None:
+    """At request_finished (after Django's own handler): this thread's leases may be revoked."""
+    for wrapper in connections.all(initialized_only=True):
+        if isinstance(wrapper, PooledWrapperMixin):
+            wrapper._pgpool_end_of_request()
+
+
+request_finished.connect(_leases_between_requests)
+
+
 class PooledWrapperMixin(_Base):
-    """Pooling for a DatabaseWrapper derived from Django's postgresql one (list it first)."""
+    """Pooling for a DatabaseWrapper derived from Django's postgresql one (list it first).
+
+    Leases (``CONN_MAX_AGE`` other than 0)
+    --------------------------------------
+    Django then keeps the connection across requests; it stays the pool's
+    loan. At the end of each request (``request_finished``), outside a
+    transaction and ``atomic()``, the wrapper tells the pool it is between
+    requests (``lease_idle()``), and the pool may revoke the loan for a
+    borrower that would otherwise wait. Every use of the connection goes
+    through the ``connection`` property, which first claims the lease back
+    (``lease_claim()``, one lock round per request): revoked, the wrapper
+    forgets the connection without touching it, runs ``close()`` with
+    nothing to close (so that a subclass's own close logic runs), and the
+    next query borrows again. Threads that see no request signals (Celery,
+    commands) keep their lease for good, as with Django's persistent
+    connections.
+
+    ``_pgpool_between_requests`` is read and written only by the thread
+    using the wrapper (a thread it is shared with never marks it: see
+    ``_pgpool_end_of_request()``); the lease's state in the pool is under
+    the pool's lock. The wrapper's flag is always set before the pool is
+    told, and cleared after the pool agreed: interrupted in between, the
+    wrapper claims a lease that was never revocable (harmless), never uses
+    one the pool could revoke.
+    """
+
+    # The raw connection behind Django's ``connection`` attribute (a property here).
+    _pgpool_connection: Any = None
+    _pgpool_between_requests = False
+    # The pool the current connection was borrowed from: it may no longer be
+    # the registry's pool for these settings when it is returned.
+    _pgpool: ConnectionPool | None = None
+    _pgpool_loan = 0  # the loan number of the current connection
+
+    @property
+    def connection(self) -> Any:
+        """Django's connection attribute: a lease between requests is claimed back first."""
+        if self._pgpool_between_requests:
+            return self._pgpool_claim_lease()
+        return self._pgpool_connection
+
+    @connection.setter
+    def connection(self, value: Any) -> None:
+        self._pgpool_connection = value
+        self._pgpool_between_requests = False
+
+    def _pgpool_claim_lease(self) -> Any:
+        """Return the leased connection if the pool didn't revoke it, else forget it."""
+        connection, pool = self._pgpool_connection, self._pgpool
+        if (
+            connection is not None
+            and pool is not None
+            and pool.lease_claim(connection, self._pgpool_loan)
+        ):
+            self._pgpool_between_requests = False
+            return connection
+        # Revoked: the pool reset it and lent it on. Forgotten first (never
+        # touched again, even if interrupted here), then close() runs with
+        # nothing to close: a subclass's close() (django-tenants forgets its
+        # search_path there) still sees the connection go.
+        self._pgpool_connection = None
+        self._pgpool = None
+        self._pgpool_between_requests = False
+        self.close()
+        return None
+
+    def _pgpool_end_of_request(self) -> None:
+        """Let the pool revoke this wrapper's lease until its next use (request_finished).
+
+        Not inside a transaction or atomic(), nor while the wrapper is shared
+        with other threads (a live test server's): those keep it in use.
+        """
+        connection, pool = self._pgpool_connection, self._pgpool
+        if (
+            connection is None
+            or pool is None
+            or self._pgpool_between_requests
+            or self.in_atomic_block
+            or not self.autocommit
+            or self.allow_thread_sharing
+            or connection.closed
+            or connection.info.transaction_status != TRANSACTION_STATUS_IDLE
+        ):
+            return
+        self._pgpool_between_requests = True  # first: see the class docstring
+        if not pool.lease_idle(connection, self._pgpool_loan):
+            # A borrower waits, or the connection is retired: returned now.
+            self._pgpool_between_requests = False
+            self.close()
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
         if is_psycopg3:
             raise ImproperlyConfigured(PSYCOPG3_MESSAGE)
         super().__init__(settings_dict, alias)
         _warn_if_app_not_installed()
-        # The pool the current connection was borrowed from: it may no longer
-        # be the registry's pool for these settings when it is returned.
-        self._pgpool: ConnectionPool | None = None
-        self._pgpool_loan = 0  # the loan number of the current connection
+        self._pgpool = None
+        self._pgpool_loan = 0
         self._pgpool_plan: _BorrowPlan | None = None
         self._pgpool_sharing = _sharing_check(self)
         _wrappers.add(self)
@@ -336,13 +436,14 @@ class PooledWrapperMixin(_Base):
         return result
 
     def _close(self) -> None:
+        connection = self.connection  # a lease between requests is claimed first
         pool, self._pgpool = self._pgpool, None
-        if pool is None or self.connection is None:
+        if pool is None or connection is None:
             super()._close()  # type: ignore[misc]
             return None
         # Inside atomic() Django keeps self.connection after close(): it must
         # then never be lent to anyone else, so it is closed, not kept.
-        connection, self.connection = self.connection, RETURNED
+        self.connection = RETURNED
         with self.wrap_database_errors:
             pool.putconn(connection, close=self.in_atomic_block, loan=self._pgpool_loan)
         if self.in_atomic_block:

@@ -181,8 +181,8 @@ def host_table(output: str) -> list[dict[str, str]]:
     """Return the rows of poolstatus's host table as {heading: cell}."""
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if re.match(r"alias\s+database\s+pid\s", line))
-    headings = ["alias", "database", "pid", "size", "idle", "in_use", "waiting", "max_wait"]
-    headings += ["paused"]
+    headings = ["alias", "database", "pid", "size", "idle", "in_use", "leased", "waiting"]
+    headings += ["max_wait", "paused"]
     headings += ["requests", "waits", "timeouts", "errors", "opened", "closed", "lost"]
     headings += ["expired", "oldest_checkout"]
     rows = []

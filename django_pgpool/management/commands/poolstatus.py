@@ -29,6 +29,7 @@ POOL_COLUMNS = (
     ("size", "pool_size"),
     ("idle", "pool_available"),
     ("in use", "pool_in_use"),
+    ("leased", "pool_leased"),
     ("waiting", "requests_waiting"),
     ("max wait", "longest_wait_s"),
     ("paused", "paused_since"),
