@@ -306,6 +306,23 @@ def scenario(pool: ConnectionPool, lending: Lending, injector: Injector) -> None
     step(pool.getconn)  # and dropped: nobody can return it
     step(pool.maintain)  # takes it back
 
+    def lease_and_revoke() -> None:
+        # The pool is full; the first connection goes between requests (a
+        # lease) and a third borrow takes it over: revoked, reset, handed on.
+        conn, loan = held[0], held[0].loan
+        if pool.lease_idle(conn, loan):
+            held.pop(0)
+            lending.returning(conn)
+            borrow()
+            assert not pool.lease_claim(conn, loan), "a revoked lease was claimed back"
+
+    step(borrow)
+    step(borrow)
+    if len(held) == 2:
+        step(lease_and_revoke)
+    while held:
+        step(give_back)
+
 
 @pytest.mark.usefixtures("quiet_thread_faults")
 def test_a_fault_at_any_single_point_leaves_the_pool_whole(admin: Any) -> None:
@@ -373,11 +390,26 @@ def test_concurrent_borrowers_under_random_faults_never_share_a_connection(admin
     def borrower(index: int) -> None:
         rng = random.Random(seed + index)
         held: list[Any] = []
+        leased: list[tuple[Any, int]] = []  # between requests: the pool may revoke them
         with injector.tracing():
             while time.monotonic() < stop:
                 injector.arm(rng.randrange(1, 40) if rng.random() < 0.35 else None)
                 try:
-                    if held:
+                    if leased and rng.random() < 0.5:
+                        conn, loan = leased.pop(rng.randrange(len(leased)))
+                        if pool.lease_claim(conn, loan):
+                            lending.lent(conn)  # a problem if someone else holds it
+                            held.append(conn)
+                            check_session(conn)
+                    elif held and rng.random() < 0.3:
+                        conn = held.pop(rng.randrange(len(held)))
+                        loan = conn.loan
+                        lending.returning(conn)
+                        if pool.lease_idle(conn, loan):
+                            leased.append((conn, loan))
+                        else:
+                            pool.putconn(conn, loan=loan)
+                    elif held:
                         conn = held.pop(rng.randrange(len(held)))
                         if rng.random() < 0.3:
                             with conn.cursor() as cur:
@@ -403,6 +435,9 @@ def test_concurrent_borrowers_under_random_faults_never_share_a_connection(admin
                 finally:
                     injector.arm(None)
                     operations[0] += 1
+        for conn, loan in leased:
+            if pool.lease_claim(conn, loan):
+                held.append(conn)
         for conn in held:
             lending.returning(conn)
             pool.putconn(conn)
