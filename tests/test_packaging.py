@@ -19,6 +19,7 @@ import configparser
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -49,6 +50,22 @@ STEP_TIMEOUT = 180
 NO_INDEX = re.compile(
     r"Failed to establish a new connection|Temporary failure in name resolution"
     r"|Name or service not known|Network is unreachable|ProxyError|ConnectTimeoutError"
+)
+#: What a checkout may hold that is no source of the distributions.
+BUILD_LEFTOVERS = (
+    ".git",
+    ".venv",
+    ".tox",
+    "*.egg-info",
+    "build",
+    "dist",
+    "site",
+    "__pycache__",
+    "*.pyc",
+    ".*_cache",
+    ".hypothesis",
+    ".bench",
+    ".cache",
 )
 #: The settings a README user fills in for their own server.
 CONNECTION_KEYS = {"NAME", "USER", "PASSWORD", "HOST", "PORT"}
@@ -174,9 +191,14 @@ class Dists:
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
     """The sdist and the wheel built from it, by ``python -m build`` as a release does."""
+    # From a copy without build leftovers: setuptools reads an existing
+    # *.egg-info/SOURCES.txt into the sdist, which would hide a file the
+    # configuration no longer includes (and the build would write into the checkout).
+    source = tmp_path_factory.mktemp("source") / "django-pgpool"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
     out = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    run([sys.executable, "-m", "build", "--outdir", out, ROOT], env, ROOT, "building")
+    run([sys.executable, "-m", "build", "--outdir", out, source], env, source, "building")
     (sdist,) = out.glob("*.tar.gz")
     (wheel,) = out.glob("*.whl")
     return Dists(sdist, wheel)
@@ -272,18 +294,9 @@ class Project:
     site_packages: Path
     env: dict[str, str]
 
-    def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        if check:
-            return run([self.python, "manage.py", *args], self.env, self.root, f"manage.py {args}")
-        return subprocess.run(
-            [str(self.python), "manage.py", *args],
-            cwd=self.root,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=STEP_TIMEOUT,
-            check=False,
-        )
+    def manage(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``manage.py *args`` in the fresh environment; assert it exits 0."""
+        return run([self.python, "manage.py", *args], self.env, self.root, f"manage.py {args}")
 
 
 def pinned(distribution: str) -> str:
