@@ -372,7 +372,12 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     ``credentials``, if given, is called before every new connection and
     returns connect parameters that override ``kwargs`` for it (a password
     that rotates). ``session_settings`` are settings (``{"TimeZone": "UTC"}``)
-    every session gets when it is opened. ``check``, if given, is the health
+    every session gets when it is opened: in libpq's ``options`` (no round
+    trip; ``RESET`` then goes back to them), or with ``settings_by_set`` (or
+    once a pooler refused ``options``) with ``SET`` right after connecting
+    (one round trip per new connection; ``RESET`` goes back to the server's
+    defaults, as with Django's own backend), replayed after each
+    ``DISCARD ALL`` in the same round trip. ``check``, if given, is the health
     check (instead of ``SELECT 1``): called with the connection, it raises to
     reject it.
     """
@@ -394,6 +399,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         configure: Callable[[PooledConnection], None] | None = None,
         credentials: Callable[[], Mapping[str, Any]] | None = None,
         session_settings: Mapping[str, str] | None = None,
+        settings_by_set: bool = False,
         check: Callable[[PooledConnection], object] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -428,7 +434,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         # after each DISCARD ALL. A plain bool, read without the lock: a
         # stale read costs one refused connect.
         self._session_settings = dict(session_settings or {})
-        self._settings_by_set = False
+        self._settings_by_set = settings_by_set
         self._role_checked = False  # the role given in options was seen to take
         self._check = check
 

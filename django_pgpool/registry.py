@@ -108,6 +108,10 @@ def get_pool(
                     name=f"database {alias!r}",
                     configure=configure,
                     session_settings=settings,
+                    # SET after connecting, as Django's own backend does: the
+                    # same RESET semantics, and errors (a role that doesn't
+                    # exist), at one round trip per new connection.
+                    settings_by_set=True,
                     **options.as_dict(),
                     **params,
                 )

@@ -215,6 +215,9 @@ class PooledWrapperMixin(_Base):
     # the registry's pool for these settings when it is returned.
     _pgpool: ConnectionPool | None = None
     _pgpool_loan = 0  # the loan number of the current connection
+    # Which of Django's checks is deciding whether to close the connection
+    # ("health", "obsolete"; "" for none): see _discard_on_close().
+    _pgpool_judging = ""
 
     @property
     def connection(self) -> Any:
@@ -362,9 +365,10 @@ class PooledWrapperMixin(_Base):
         """Return what every pooled session is given when it is opened.
 
         The time zone and the role: Django then finds nothing to SET at each
-        borrow. The pool gives them at connect time (libpq ``options``, which
-        DISCARD ALL keeps), or with SET right after connecting behind a
-        pooler that refuses ``options`` (PgBouncer before 1.20).
+        borrow. The pool gives them with SET right after connecting (one
+        round trip per new connection), as Django's own backend does, so
+        RESET and errors behave the same; the reset replays them after
+        DISCARD ALL in its own round trip.
         """
         settings = {}
         if self.timezone_name:
@@ -435,17 +439,49 @@ class PooledWrapperMixin(_Base):
         result: bool = super()._configure_role(connection)  # type: ignore[misc]
         return result
 
+    def close_if_health_check_failed(self) -> None:
+        # Django closes the connection here only when is_usable() said it is
+        # broken: then the pool must not lend it again either.
+        self._pgpool_judging = "health"
+        try:
+            super().close_if_health_check_failed()
+        finally:
+            self._pgpool_judging = ""
+
+    def close_if_unusable_or_obsolete(self) -> None:
+        # Here Django closes a connection that is broken (errors_occurred and
+        # not is_usable()), whose autocommit was left changed, or that reached
+        # CONN_MAX_AGE: the first two are closed, the last goes back to the pool.
+        self._pgpool_judging = "obsolete"
+        try:
+            super().close_if_unusable_or_obsolete()
+        finally:
+            self._pgpool_judging = ""
+
+    def _discard_on_close(self) -> bool:
+        """Return True if the connection being closed must not be lent again."""
+        if self.in_atomic_block:
+            # Django keeps self.connection after close() inside atomic(): it
+            # must never be lent to anyone else.
+            return True
+        if self._pgpool_judging == "health":
+            return True  # it closes only what failed is_usable()
+        if self._pgpool_judging == "obsolete":
+            # Broken (errors_occurred is cleared when is_usable() passes) or
+            # autocommit left changed; an aged one has neither.
+            return self.errors_occurred or self.autocommit != self.settings_dict["AUTOCOMMIT"]
+        return False
+
     def _close(self) -> None:
         connection = self.connection  # a lease between requests is claimed first
         pool, self._pgpool = self._pgpool, None
         if pool is None or connection is None:
             super()._close()  # type: ignore[misc]
             return None
-        # Inside atomic() Django keeps self.connection after close(): it must
-        # then never be lent to anyone else, so it is closed, not kept.
+        discard = self._discard_on_close()
         self.connection = RETURNED
         with self.wrap_database_errors:
-            pool.putconn(connection, close=self.in_atomic_block, loan=self._pgpool_loan)
+            pool.putconn(connection, close=discard, loan=self._pgpool_loan)
         if self.in_atomic_block:
             # Django keeps self.connection inside atomic(): the closed one.
             self.connection = connection

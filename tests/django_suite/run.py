@@ -71,38 +71,7 @@ EXTRA_REQUIREMENTS = {"tblib": "tblib>=1.5.0"}
 # when only one subtest is concerned) -> (text its traceback must contain, why).
 # Reported, but not a failure unless --strict; a listed test that fails in any
 # other way is a failure like any other.
-_CONN_MAX_AGE = (
-    "CONN_MAX_AGE'] is None; django_pgpool needs CONN_MAX_AGE = 0",
-    "the test sets CONN_MAX_AGE=None (persistent connections), which django_pgpool "
-    "refuses by design (django_pgpool.E004): the pool, not the wrapper, keeps connections",
-)
-EXPECTED_DIFFERENCES: dict[str, tuple[str, str]] = {
-    "backends.postgresql.tests.Tests.test_connect_role": (
-        'FATAL:  role "django_nonexistent_role" does not exist',
-        "django_pgpool gives OPTIONS['assume_role'] at connect time (libpq options "
-        "'-c role=...', so DISCARD ALL keeps it): a role that does not exist fails the "
-        "connect with OperationalError, not the later SET ROLE with InvalidParameterValue",
-    ),
-    "backends.postgresql.tests.Tests.test_bypass_timezone_configuration "
-    "(wrapper=<class 'django.db.backends.postgresql.base.DatabaseWrapper'>, commit=True)": (
-        "AssertionError: False is not True",
-        "django_pgpool gives the time zone at connect time (libpq options "
-        "'-c TimeZone=...', so DISCARD ALL keeps it): RESET TIMEZONE goes back to "
-        "Django's zone, not the server's, so the test's stock wrapper finds nothing to SET",
-    ),
-    "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_disabled": (
-        _CONN_MAX_AGE
-    ),
-    "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_enabled": (
-        _CONN_MAX_AGE
-    ),
-    "backends.base.test_base.ConnectionHealthChecksTests"
-    ".test_health_checks_enabled_errors_occurred": _CONN_MAX_AGE,
-    "backends.base.test_base.ConnectionHealthChecksTests"
-    ".test_set_autocommit_health_checks_enabled": _CONN_MAX_AGE,
-    # Not in the default apps; seen with --apps servers.
-    "servers.tests.LiveServerTestCloseConnectionTest.test_closes_connections": _CONN_MAX_AGE,
-}
+EXPECTED_DIFFERENCES: dict[str, tuple[str, str]] = {}
 
 # unittest's summary of one failed test, e.g. "FAIL: test_x (app.tests.C.test_x)".
 _PROBLEM = re.compile(r"^(FAIL|ERROR|UNEXPECTED SUCCESS): (.+?)\s*$")
