@@ -16,16 +16,16 @@ from typing import Any
 import pytest
 
 from django_pgpool.checks import pooled_engine
+from tests import apt, postgis
 from tests.helpers import ROOT, run_python
 from tests.pgserver import ServerInfo
-from tests.postgis import require_postgis
 
 SETTINGS = "--settings=tests.gisproject.settings"
 
 
 @pytest.fixture(scope="module")
-def postgis(server: ServerInfo) -> None:
-    require_postgis(server)
+def with_postgis(server: ServerInfo) -> None:
+    postgis.require_postgis(server)
 
 
 def gis_databases(admin: Any) -> set[str]:
@@ -43,7 +43,7 @@ def test_the_postgis_engine_is_recognised_as_pooled() -> None:
     assert pooled_engine("django_pgpool.postgis.base")
 
 
-@pytest.mark.usefixtures("postgis")
+@pytest.mark.usefixtures("with_postgis")
 @pytest.mark.parametrize("parallel", ["1", "2"])
 def test_django_test_runner_on_postgis_creates_clones_uses_and_destroys_test_databases(
     parallel: str, admin: Any
@@ -55,7 +55,7 @@ def test_django_test_runner_on_postgis_creates_clones_uses_and_destroys_test_dat
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "Ran 7 tests" in output
+    assert "Ran 8 tests" in output
     assert "OK" in output
     if parallel == "2":
         assert "Cloning test database for alias 'default'" in output
@@ -63,7 +63,7 @@ def test_django_test_runner_on_postgis_creates_clones_uses_and_destroys_test_dat
     assert gis_databases(admin) == set()
 
 
-@pytest.mark.usefixtures("postgis")
+@pytest.mark.usefixtures("with_postgis")
 def test_manage_py_check_validates_the_pool_options_of_the_postgis_engine() -> None:
     good = run_python(["-m", "django", "check", SETTINGS], project_env(), check=False)
     assert good.returncode == 0, good.stdout + good.stderr
@@ -73,3 +73,19 @@ def test_manage_py_check_validates_the_pool_options_of_the_postgis_engine() -> N
     assert bad.returncode != 0
     assert "django_pgpool.E001" in bad.stderr, bad.stdout + bad.stderr
     assert "maxconn" in bad.stderr
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_without_root_the_postgis_tests_skip_naming_the_package_but_fail_under_ci(
+    server: ServerInfo, monkeypatch: pytest.MonkeyPatch, ci: str
+) -> None:
+    # Not being root can't be produced for real here (the suite may run as root).
+    monkeypatch.setattr(postgis, "missing", lambda server: ["libgdal"])
+    monkeypatch.setattr(apt, "why_not_installable", lambda: "not running as root")
+    monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome) as raised:
+        postgis.require_postgis(server)
+    message = str(raised.value)
+    assert postgis.postgis_package(server) in message
+    assert "not running as root" in message

@@ -6,10 +6,13 @@ on its own clone of the test database, which must have PostGIS too).
 
 from __future__ import annotations
 
+import io
+import json
 import os
 
 from django.contrib.gis.db.models.functions import Distance
 from django.contrib.gis.geos import Point, Polygon
+from django.core.management import call_command
 from django.db import connection, connections
 from django.test import TestCase, TransactionTestCase
 
@@ -44,6 +47,14 @@ class OnThePooledTestDatabase(TestCase):
         # copied by --parallel's CREATE DATABASE ... TEMPLATE).
         self.assertEqual(scalar("SELECT count(*) FROM pg_extension WHERE extname = 'postgis'"), 1)
         self.assertTrue(str(scalar("SELECT postgis_lib_version()")).startswith("3."))
+
+    def test_poolstatus_reports_the_postgis_database(self) -> None:
+        out = io.StringIO()
+        call_command("poolstatus", "--format", "json", stdout=out)
+        info = json.loads(out.getvalue())["databases"]["default"]
+        self.assertIsNone(info["server"]["error"])
+        self.assertEqual(info["server"]["database"], scalar("SELECT current_database()"))
+        self.assertEqual(info["config"]["maxconn"], 2)
 
 
 class GeometryRoundTrip(TestCase):
