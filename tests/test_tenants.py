@@ -68,8 +68,10 @@ def test_the_tenants_backend_over_ours_is_pooled(database: str) -> None:
     assert second_pid == first_pid
     assert first_path == second_path == "acme, public"
     assert report["acme_tags"] == ["acme"]
-    # public's notes table has none of acme's rows; the path set for acme was
-    # not left on the session for the next borrower.
+    # The next borrower of that session doesn't inherit acme's search_path:
+    # the pool saw the SET and reset the session at return.
+    assert report["next_borrower"] == [first_pid, '"$user", public']
+    # public's notes table has none of acme's rows.
     assert report["public"][1] == "public"
     assert report["public_tags"] == []
 

@@ -28,6 +28,7 @@ def main() -> None:
     from django.db import connection, connections
     from django_tenants.utils import schema_context, tenant_context
 
+    from django_pgpool import registry
     from django_pgpool.checks import pooled_engine
     from django_pgpool.wrapper import PooledWrapperMixin
     from tests.tenantsproject.customers.models import Client
@@ -48,6 +49,14 @@ def main() -> None:
         report["second"] = backend_pid_and_path()
         report["acme_tags"] = sorted(Note.objects.values_list("tag", flat=True))
     connection.close()
+    # The session acme's SET search_path was sent on, as the next borrower
+    # gets it (straight from the pool, without django-tenants' own SET).
+    (entry,) = registry.entries("default")
+    raw = entry.pool.getconn()
+    with raw.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid(), current_setting('search_path')")
+        report["next_borrower"] = cur.fetchone()
+    entry.pool.putconn(raw)
     with schema_context("public"):
         report["public"] = backend_pid_and_path()
         report["public_tags"] = sorted(Note.objects.values_list("tag", flat=True))
