@@ -27,8 +27,9 @@ After fork, in the child, in order:
      creates the child's own pool (its key carries the pid).
   4. ``status``: a fresh lock; the child publishes a snapshot of its own.
   5. ``wrappers``: Django connections that still hold one of the parent's
-     connections let go of it, so that the next query borrows from the
-     child's pool. Last: it may borrow nothing, but it must see the
+     connections let go of it through their ``close()`` (a wrapping
+     backend's own close logic runs), so that the next query borrows from
+     the child's pool. Last: it may borrow nothing, but it must see the
      registry already emptied.
 
 Lock discipline: ``_hooks`` is only written at import time (module

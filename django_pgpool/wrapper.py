@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import os
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,6 +148,16 @@ def _sharing_check(wrapper: PooledWrapperMixin) -> Callable[[], bool]:
 _wrappers: weakref.WeakSet[PooledWrapperMixin] = weakref.WeakSet()
 
 
+class _InheritedConnection(_ReturnedConnection):
+    """Stands in for a connection inherited through fork(), so that close() can forget it."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise psycopg2.InterfaceError("connection already closed (inherited from the parent)")
+
+
+INHERITED = _InheritedConnection()
+
+
 def _forget_inherited_connections() -> None:
     pid = os.getpid()
     for wrapper in list(_wrappers):
@@ -154,12 +165,33 @@ def _forget_inherited_connections() -> None:
         wrapper._pgpool_plan = None
         # The raw attribute: a lease is never claimed from the parent's pool.
         connection = wrapper._pgpool_connection
-        if connection is not None and getattr(connection, "pool_pid", 0) not in (0, pid):
-            # Another parent thread may have been inside a query on it: never
-            # close it here (see ConnectionPool.after_fork_in_child).
-            forking.detach_inherited(connection, close=False)
+        if connection is None or getattr(connection, "pool_pid", 0) in (0, pid):
+            continue
+        # Another parent thread may have been inside a query on it: never
+        # close it here (see ConnectionPool.after_fork_in_child).
+        forking.detach_inherited(connection, close=False)
+        # Then forget it through close(), as a subclass expects: its own
+        # close() must run (django-tenants' forgets there the search_path it
+        # believes the session has). With this stand-in and no pool, _close()
+        # returns nothing to a pool and sends nothing to the parent's session.
+        wrapper.connection, wrapper._pgpool = INHERITED, None
+        # A thread of the parent may have held this lock at fork time, and
+        # none but this one exists here; close() takes it.
+        wrapper._thread_sharing_lock = threading.Lock()  # type: ignore[attr-defined]
+        try:
+            # The wrapper may be another parent thread's: close() checks.
+            wrapper.inc_thread_sharing()
+            try:
+                wrapper.close()
+            finally:
+                wrapper.dec_thread_sharing()
+        except Exception:  # e.g. forked in a thread running an event loop
+            logger.exception("django_pgpool: close() of %r after fork failed", wrapper.alias)
+        if wrapper.connection is INHERITED and not wrapper.closed_in_transaction:
+            # close() failed before forgetting it. (Inside atomic() it keeps
+            # the stand-in: queries fail until the block ends, as after any
+            # close() there: the parent's transaction can't go on here.)
             wrapper.connection = None
-            wrapper._pgpool = None
 
 
 forking.register("wrappers", after_in_child=_forget_inherited_connections)

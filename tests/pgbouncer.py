@@ -26,7 +26,7 @@ admin (``admin_users``), so ``SHOW POOLS``, ``SHOW SERVERS``, ``PAUSE``,
 The binary is ``$PGBOUNCER`` or ``pgbouncer`` on ``PATH`` or
 ``/usr/sbin/pgbouncer``.  When none exists and we are root on a Debian-like
 system, Debian's package is installed once (``apt-get update`` then
-``apt-get install -y pgbouncer``, serialized by a lock file); the package's
+``apt-get install -y pgbouncer`` through tests/apt.py); the package's
 own system service is then stopped and disabled, and its ``/etc/pgbouncer``
 configuration is never used.  PgBouncer refuses to run as root, so as root it
 runs as the ``postgres`` OS user (the one tests/pgserver.py uses).
@@ -73,6 +73,7 @@ from typing import Any
 import psycopg2
 import pytest
 
+from tests import apt
 from tests.pgserver import HOST, SERVER_OS_USER, ServerInfo, free_port
 
 __all__ = [
@@ -88,7 +89,6 @@ ADMIN_DBNAME = "pgbouncer"  # PgBouncer's virtual admin-console database
 POOL_MODES = ("session", "transaction", "statement")
 
 _CANDIDATES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer")
-_INSTALL_LOCK = "/tmp/pgpool-pgbouncer-install.lock"
 _START_TIMEOUT = 15.0  # seconds until it accepts connections
 _STOP_TIMEOUT = 10.0
 _PORT_ATTEMPTS = 5
@@ -115,10 +115,6 @@ class PgBouncerUnavailable(PgBouncerError):
 # --------------------------------------------------------------------------- #
 
 
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
 def _locate() -> str | None:
     explicit = os.environ.get("PGBOUNCER")
     if explicit:
@@ -129,25 +125,6 @@ def _locate() -> str | None:
     if on_path:
         return on_path
     return next((path for path in _CANDIDATES if os.access(path, os.X_OK)), None)
-
-
-def _apt(*args: str) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    proc = subprocess.run(
-        ["apt-get", *args],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-20:])
-        raise PgBouncerUnavailable(
-            f"apt-get {' '.join(args)} failed with exit status {proc.returncode}:\n{tail}"
-        )
 
 
 def _quiet(cmd: list[str]) -> None:
@@ -172,19 +149,6 @@ def _disable_system_service() -> None:
             _quiet(["update-rc.d", "pgbouncer", "disable"])
 
 
-def _install() -> None:
-    import fcntl  # POSIX only
-
-    # One installer at a time (pytest-xdist workers, parallel sessions).
-    with open(_INSTALL_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _locate() is not None:
-            return  # someone else installed it while we waited
-        _apt("update")
-        _apt("install", "-y", "--no-install-recommends", "pgbouncer")
-        _disable_system_service()
-
-
 def find_pgbouncer(install: bool = True) -> str:
     """Return the path of the pgbouncer binary, installing Debian's package if need be.
 
@@ -194,12 +158,17 @@ def find_pgbouncer(install: bool = True) -> str:
     path = _locate()
     if path is not None:
         return path
-    if not install or not _is_root() or shutil.which("apt-get") is None:
+    if not install or apt.why_not_installable() is not None:
         raise PgBouncerUnavailable(
             "pgbouncer is not installed: install it (Debian: apt-get install pgbouncer), "
             "put it on PATH or set PGBOUNCER=/path/to/pgbouncer"
         )
-    _install()
+    try:
+        apt.install(
+            ["pgbouncer"], present=lambda: _locate() is not None, after=_disable_system_service
+        )
+    except apt.AptUnavailable as exc:
+        raise PgBouncerUnavailable(str(exc)) from exc
     path = _locate()
     if path is None:
         raise PgBouncerUnavailable("apt-get installed pgbouncer, but no pgbouncer binary is found")
@@ -232,7 +201,7 @@ def _accepts(port: int) -> bool:
 
 def _run_as_ids() -> tuple[int, int] | None:
     """uid and gid to run PgBouncer as: the server's OS user when we are root."""
-    if not _is_root():
+    if not apt.is_root():
         return None
     import pwd
 

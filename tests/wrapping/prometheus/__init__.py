@@ -1,0 +1,1 @@
+"""ENGINE ``tests.wrapping.prometheus``: django-prometheus' PostgreSQL backend, pooled."""
