@@ -1792,6 +1792,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         if first:
             self._wrap_for_observers()
 
+    def unobserve(self, observer: Callable[[ConnectionPool, str, float], None]) -> None:
+        """Stop calling ``observer`` (the timing wrappers stay, calling no one)."""
+        with self._lock:
+            self._observers = tuple(o for o in self._observers if o != observer)
+
     def _tell(self, event: str, seconds: float) -> None:
         for observer in self._observers:
             try:
