@@ -604,3 +604,30 @@ def test_importing_the_package_imports_neither_django_nor_the_pool() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_connection_block_interrupted_by_a_base_exception_rolls_back_and_returns(
+    make_pool: MakePool, admin: Any, table: str
+) -> None:
+    pool = make_pool(0, 1)
+    with pytest.raises(KeyboardInterrupt), pool.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} VALUES (1)")
+        raise KeyboardInterrupt
+    assert rows(admin, table) == []
+    assert quiet(pool)["pool_in_use"] == 0
+
+
+def test_a_connection_broken_inside_the_block_is_discarded_and_its_slot_freed(
+    make_pool: MakePool, admin: Any
+) -> None:
+    pool = make_pool(0, 1)
+    with pytest.raises(psycopg2.OperationalError), pool.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        (pid,) = cur.fetchone()
+        with admin.cursor() as kill:
+            kill.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        cur.execute("SELECT 1")
+    stats = quiet(pool)
+    assert (stats["pool_size"], stats["pool_in_use"]) == (0, 0)
+    with pool.cursor() as cur:  # a new connection in the freed slot
+        cur.execute("SELECT 1")

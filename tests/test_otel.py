@@ -272,3 +272,42 @@ def check_engine_pools_are_reported(reader: InMemoryMetricReader) -> None:
     assert histogram(metrics, "db.client.connection.use_time", "other").count >= 1
     for entry in registry.entries():
         entry.pool.check_invariants(quiescent=True)
+
+
+def test_an_instrumented_pool_under_threads_keeps_its_invariants_and_counts_every_borrow(
+    make_pool: MakePool, reader: InMemoryMetricReader
+) -> None:
+    pool = make_pool(0, 3, name="busy-threads", timeout=10)
+    otel.instrument(pool, meter_provider=provider_of(reader))
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(25):
+                with pool.cursor() as cur:
+                    cur.execute("SELECT 1")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    collecting = True
+
+    def collector() -> None:  # collections race the borrows: no deadlock, no error
+        while collecting:
+            collect(reader)
+
+    side = threading.Thread(target=collector)
+    side.start()
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    collecting = False
+    side.join()
+    assert errors == []
+    pool.check_invariants(quiescent=True)
+    metrics = collect(reader)
+    assert histogram(metrics, "db.client.connection.wait_time", "busy-threads").count == 200
+    assert histogram(metrics, "db.client.connection.use_time", "busy-threads").count == 200
+    created = histogram(metrics, "db.client.connection.create_time", "busy-threads").count
+    assert created == pool.get_stats()["connections_num"] <= 3
