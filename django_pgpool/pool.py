@@ -439,9 +439,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         self._check = check
 
         factory = kwargs.get("connection_factory") or PooledConnection
-        if not issubclass(factory, PooledConnection):
-            raise TypeError("connection_factory must be a subclass of PooledConnection")
-        kwargs["connection_factory"] = factory
+        kwargs["connection_factory"] = self._pooled_factory(factory)  # psycopg2's own too
         self._args = args
         self._kwargs = kwargs
 
@@ -1810,3 +1808,166 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             f"<{type(self).__name__} {self.name} minconn={self.minconn} maxconn={self.maxconn}"
             f"{' closed' if self.closed else ''}>"
         )
+
+    # -- psycopg2 drop-in and context managers -------------------------------
+    # What code written for psycopg2's SimpleConnectionPool/ThreadedConnectionPool
+    # needs beyond getconn/putconn/closeall, and the observation hook behind
+    # django_pgpool.otel. See docs/without-django.md.
+
+    # A psycopg2 connection class given as connection_factory -> the class that
+    # is both it and a PooledConnection. Filled with setdefault (atomic under
+    # the GIL): two pools racing on the same class both get the one kept.
+    _pooled_factories: dict[type, type[PooledConnection]] = {}
+
+    @staticmethod
+    def _pooled_factory(factory: Any) -> type[PooledConnection]:
+        """Return a PooledConnection class that is also ``factory`` (a psycopg2
+        connection class, as psycopg2's pools pass to ``psycopg2.connect()``)."""
+        if not isinstance(factory, type) or not issubclass(factory, ext.connection):
+            raise TypeError(
+                "connection_factory must be a subclass of psycopg2.extensions.connection, "
+                f"not {factory!r}"
+            )
+        if issubclass(factory, PooledConnection):
+            return factory
+        pooled = ConnectionPool._pooled_factories.get(factory)
+        if pooled is None:
+            try:
+                # The user's class first: its cursor() picks the cursor class
+                # (RealDictConnection's), then ours wraps it to track it.
+                made = type(
+                    f"Pooled{factory.__name__}",
+                    (factory, PooledConnection),
+                    {"__module__": factory.__module__},
+                )
+            except TypeError as exc:
+                raise TypeError(
+                    f"connection_factory {factory.__qualname__} can't be combined with "
+                    f"PooledConnection ({exc}); subclass django_pgpool.session.PooledConnection"
+                ) from exc
+            pooled = ConnectionPool._pooled_factories.setdefault(factory, made)
+        return pooled
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[PooledConnection]:
+        """Lend a connection for a ``with`` block, which is one transaction: committed
+        at the end, rolled back if the block raises. The connection is returned
+        either way (a broken one is discarded)."""
+        conn = self.getconn()
+        # Returned under its loan number: right even if the generator is
+        # finished by another thread (garbage collection).
+        loan = conn.loan
+        try:
+            if conn.autocommit:
+                # Django's connections are lent in autocommit mode: the block
+                # still gets a transaction (free while idle; the return sets
+                # autocommit back).
+                conn.autocommit = False
+            yield conn
+        except BaseException:
+            if not conn.closed:
+                # A failed rollback leaves a broken connection: the return
+                # discards it, and the block's own exception goes on.
+                with contextlib.suppress(psycopg2.Error):
+                    conn.rollback()
+            raise
+        else:
+            conn.commit()
+        finally:
+            self.putconn(conn, loan=loan)
+
+    @contextlib.contextmanager
+    def cursor(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """Like connection(), yielding a cursor (``conn.cursor(*args, **kwargs)``),
+        closed before the commit or rollback."""
+        with self.connection() as conn, conn.cursor(*args, **kwargs) as cur:
+            yield cur
+
+    def __enter__(self) -> ConnectionPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the pool (closeall()): idle connections now, lent ones when returned."""
+        self.closeall()
+
+    # Events told to observers: a new connection, a borrow, a return, a timeout.
+    CREATE = "create"
+    WAIT = "wait"
+    USE = "use"
+    TIMEOUT = "timeout"
+    _observers: tuple[Callable[[ConnectionPool, str, float], None], ...] = ()
+
+    def observe(self, observer: Callable[[ConnectionPool, str, float], None]) -> None:
+        """Call ``observer(pool, event, seconds)`` from now on (django_pgpool.otel uses it).
+
+        Events: CREATE, the time a new connection took to open and set up;
+        WAIT, the time getconn() took (waiting, checking, opening); USE, the
+        time a connection was held, at its return; TIMEOUT, the time a
+        borrow waited before PoolTimeout. Called by the thread concerned,
+        never under the pool's lock; an observer that raises is logged and
+        ignored.
+
+        Costs nothing until a pool is observed: the first observer wraps
+        getconn(), putconn() and the connect of this instance only.
+        Observers are kept in a tuple replaced (never mutated) under the
+        pool's lock and read without it.
+        """
+        with self._lock:
+            first = not self._observers
+            self._observers = (*self._observers, observer)
+        if first:
+            self._wrap_for_observers()
+
+    def unobserve(self, observer: Callable[[ConnectionPool, str, float], None]) -> None:
+        """Stop calling ``observer`` (the timing wrappers stay, calling no one)."""
+        with self._lock:
+            self._observers = tuple(o for o in self._observers if o != observer)
+
+    def _tell(self, event: str, seconds: float) -> None:
+        for observer in self._observers:
+            try:
+                observer(self, event, seconds)
+            except Exception:
+                logger.exception("pool %s: observer %s failed", self.name, callable_name(observer))
+
+    def _wrap_for_observers(self) -> None:
+        """Shadow getconn, putconn and _connect on this instance with timed versions."""
+        plain_getconn, plain_putconn, plain_connect = self.getconn, self.putconn, self._connect
+
+        def getconn(key: Hashable | None = None) -> PooledConnection:
+            started = time.monotonic()
+            try:
+                conn = plain_getconn(key)
+            except PoolTimeout:
+                self._tell(ConnectionPool.TIMEOUT, time.monotonic() - started)
+                raise
+            self._tell(ConnectionPool.WAIT, time.monotonic() - started)
+            return conn
+
+        def putconn(
+            conn: ext.connection,
+            key: Hashable | None = None,
+            close: bool = False,
+            *,
+            loan: int | None = None,
+        ) -> None:
+            # Told of a loan of this process's that this call ends, not of a
+            # stale return (it raises) nor of an inherited connection.
+            lent = (
+                isinstance(conn, PooledConnection)
+                and conn.loan != 0
+                and conn.pool_pid == self._pid
+                and not conn.reclaimed
+            )
+            borrowed_at = conn.borrowed_at if isinstance(conn, PooledConnection) else 0.0
+            plain_putconn(conn, key, close, loan=loan)
+            if lent:
+                self._tell(ConnectionPool.USE, time.monotonic() - borrowed_at)
+
+        def connect() -> PooledConnection:
+            started = time.monotonic()
+            conn = plain_connect()
+            self._tell(ConnectionPool.CREATE, time.monotonic() - started)
+            return conn
+
+        self.__dict__.update(getconn=getconn, putconn=putconn, _connect=connect)
