@@ -1652,6 +1652,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 conn = self._used.pop(token)
                 self._reserved[token] = _Reservation(CLOSING, threading.current_thread(), conn)
                 conn.reclaimed = True
+                # A key must not lead to it any more (getconn(key) reads _keys).
+                for key in [k for k, c in self._keys.items() if c is conn]:
+                    del self._keys[key]
                 reclaimed.append((conn, CONNECTIONS_RECLAIMED, token))
         for conn, _, _ in reclaimed:
             borrower = conn.borrower

@@ -137,11 +137,6 @@ def test_a_keyed_connection_put_back_without_its_key_frees_the_key(make_pool: Ma
     pool.putconn(fresh, "k")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug outside the drop-in code: _reclaim_orphans() leaves the key in "
-    "_keys and getconn(key) returns it without checking conn.reclaimed",
-)
 def test_a_key_whose_borrower_thread_died_gets_a_fresh_connection(make_pool: MakePool) -> None:
     # PersistentConnectionPool-style code keys by thread id, and ids are reused.
     pool = make_pool(0, 2)
