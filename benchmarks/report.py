@@ -12,6 +12,7 @@ from strategies import BY_KEY, REFERENCE
 
 BENCH_DIR = Path(__file__).resolve().parent
 OURS = "pgpool"
+LEASES = "pgpoollease"  # django_pgpool with CONN_MAX_AGE=None
 FINDINGS = BENCH_DIR / "findings.md"  # hand-written analysis, inserted into the docs page
 
 COLOURS = {
@@ -21,6 +22,7 @@ COLOURS = {
     "dbcp": "#dd8452",
     "pgbouncer": "#8172b3",
     "pgpool": "#2ca02c",
+    "pgpoollease": "#98df8a",
 }
 
 
@@ -38,6 +40,7 @@ class Row:
     rps: list[float] = field(default_factory=list)
     ratio: list[float] = field(default_factory=list)  # to the reference, same round
     ours_over: list[float] = field(default_factory=list)  # django_pgpool's rps / this, same round
+    lease_over: list[float] = field(default_factory=list)  # the same, for LEASES
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
     max: list[float] = field(default_factory=list)
@@ -84,11 +87,14 @@ def _rows(runs: list[dict[str, Any]], threads: int | None) -> dict[str, Row]:
     for runs_of_round in by_round.values():
         reference = runs_of_round.get(REFERENCE)
         ours = runs_of_round.get(OURS)
+        leases = runs_of_round.get(LEASES)
         for key, run in runs_of_round.items():
             if reference is not None and reference["rps"]:
                 rows[key].ratio.append(run["rps"] / reference["rps"])
             if ours is not None and run["rps"]:
                 rows[key].ours_over.append(ours["rps"] / run["rps"])
+            if leases is not None and run["rps"]:
+                rows[key].lease_over.append(leases["rps"] / run["rps"])
     return rows
 
 
@@ -257,6 +263,85 @@ def _verdicts(summary: Summary, round_trips: dict[str, Any]) -> list[Verdict]:
             text += f"; HTTP peak {http_peak} for {per_http} processes (<= {per_http * maxconn})"
             met = met and http_peak <= per_http * maxconn
         verdicts.append(Verdict("peak server backends never above maxconn per process", met, text))
+    return verdicts + _lease_verdicts(summary, round_trips)
+
+
+def _lease_verdicts(summary: Summary, round_trips: dict[str, Any]) -> list[Verdict]:
+    """The targets of django_pgpool with CONN_MAX_AGE=None (leases)."""
+    verdicts: list[Verdict] = []
+    label = BY_KEY[LEASES].label
+    for threads in (1, 8):
+        row = summary.inprocess.get(threads, {}).get(LEASES)
+        if row is not None and row.ratio:
+            ratio = _median(row.ratio)
+            verdicts.append(
+                Verdict(
+                    f"{label}, T={threads}: at least 0.98 of persistent connections",
+                    ratio >= 0.98,
+                    f"median ratio {ratio:.3f} (rounds: "
+                    + ", ".join(f"{r:.2f}" for r in row.ratio)
+                    + ")",
+                )
+            )
+    if LEASES in round_trips and REFERENCE in round_trips:
+        ours_rt = round_trips[LEASES]["round_trips_per_request"]
+        theirs = round_trips[REFERENCE]["round_trips_per_request"]
+        verdicts.append(
+            Verdict(
+                f"{label}: the same round trips per request as persistent connections",
+                ours_rt <= theirs,
+                f"{ours_rt:.2f} vs {theirs:.2f}",
+            )
+        )
+    t32 = summary.inprocess.get(32, {})
+    row = t32.get(LEASES)
+    if row is not None and row.rounds:
+        maxconn = summary.meta["plan"]["maxconn"]
+        verdicts.append(
+            Verdict(
+                f"{label}, T=32, maxconn {maxconn}: zero errors",
+                row.error_total == 0 and row.failed_runs == 0,
+                f"{row.error_total} errors in {row.rounds} rounds",
+            )
+        )
+        verdicts.append(
+            Verdict(
+                f"{label}, T=32: the least-served thread gets at least half the mean",
+                min(row.share) >= 0.5,
+                f"worst round {min(row.share):.2f}, median {_median(row.share):.2f}",
+            )
+        )
+        spike = row.worst_spike()
+        verdicts.append(
+            Verdict(
+                f"{label}, T=32: max latency within 3x of p99 (every round)",
+                spike <= 3,
+                f"worst round max/p99 = {spike:.2f}",
+            )
+        )
+        pools = [k for k in summary.order if BY_KEY[k].bounded_pool and k != LEASES]
+        others = {k: _median(t32[k].lease_over) for k in pools if k in t32 and t32[k].lease_over}
+        if others:
+            verdicts.append(
+                Verdict(
+                    f"{label}, T=32: throughput at least that of every other pool",
+                    all(v >= 1.0 for v in others.values()),
+                    "its req/s over theirs, same round (median): "
+                    + ", ".join(f"{BY_KEY[k].label} {v:.2f}" for k, v in others.items()),
+                )
+            )
+    http = summary.http.get(LEASES)
+    if http is not None and http.ratio:
+        ratio = _median(http.ratio)
+        verdicts.append(
+            Verdict(
+                f"{label}, HTTP (gunicorn): at least 1.0 of persistent connections",
+                ratio >= 1.0,
+                f"median ratio {ratio:.3f} (rounds: "
+                + ", ".join(f"{r:.2f}" for r in http.ratio)
+                + ")",
+            )
+        )
     return verdicts
 
 

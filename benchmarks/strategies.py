@@ -78,6 +78,14 @@ STRATEGIES: tuple[Strategy, ...] = (
         True,
         'ENGINE "django_pgpool" with its defaults and OPTIONS = {"maxconn": 16}',
     ),
+    Strategy(
+        "pgpoollease",
+        "django_pgpool, CONN_MAX_AGE=None",
+        "main",
+        True,
+        'ENGINE "django_pgpool", OPTIONS = {"maxconn": 16} and CONN_MAX_AGE=None: each '
+        "thread keeps its connection as a lease, revoked between requests for a waiter",
+    ),
 )
 
 BY_KEY = {strategy.key: strategy for strategy in STRATEGIES}
@@ -117,9 +125,11 @@ def database_settings(key: str, maxconn: int | None = None) -> dict[str, Any]:
         settings["PORT"] = env["BENCH_PGBOUNCER_PORT"]
         settings["CONN_MAX_AGE"] = None
         settings["DISABLE_SERVER_SIDE_CURSORS"] = True
-    elif key == "pgpool":
+    elif key in ("pgpool", "pgpoollease"):
         settings["ENGINE"] = "django_pgpool"
         settings["OPTIONS"] = {"maxconn": maxconn}
+        if key == "pgpoollease":
+            settings["CONN_MAX_AGE"] = None
     else:
         raise ValueError(f"unknown strategy {key!r}; one of {', '.join(BY_KEY)}")
     return settings
@@ -128,6 +138,6 @@ def database_settings(key: str, maxconn: int | None = None) -> dict[str, Any]:
 def installed_apps(key: str) -> list[str]:
     """The apps of the in-process workload: the shop app (testproject's) and the ENGINE's."""
     apps = ["django.contrib.contenttypes", "django.contrib.auth", "shop"]
-    if key == "pgpool":
+    if key in ("pgpool", "pgpoollease"):
         apps.append("django_pgpool")
     return apps

@@ -127,7 +127,7 @@ def versions(key: str) -> dict[str, str]:
     for package in ("psycopg-pool", "django-db-connection-pool", "SQLAlchemy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[package] = metadata.version(package)
-    if key == "pgpool":
+    if key in ("pgpool", "pgpoollease"):
         import django_pgpool
 
         found["django-pgpool"] = django_pgpool.__version__
