@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from django.test import override_settings
 
 from django_pgpool import base, registry, wrapper
 from django_pgpool.checks import check_pool_options
-from tests.helpers import make_wrapper, scalar
+from tests.helpers import make_wrapper, run_python, scalar
 from tests.pgserver import ServerInfo
 from tests.tcpproxy import TcpProxy
 from tests.testapp.models import Item
@@ -300,3 +301,42 @@ def test_a_wrapper_closed_with_underscore_close_is_unusable_like_stock() -> None
     assert connection.is_usable() is False
     connection.close()
     assert scalar("SELECT 1") == 1
+
+
+# A script, manage.py shell or a Celery prefork task: queries from the main
+# thread, whose connection object Django builds while the apps load.
+MAIN_THREAD_QUERIES = """
+import django
+django.setup()
+from django.db import connection
+for _ in range(3):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    connection.close()
+print("queried")
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-c", MAIN_THREAD_QUERIES], ["-m", "django", "shell", "-c", MAIN_THREAD_QUERIES]],
+    ids=["script", "manage.py shell"],
+)
+def test_the_missing_app_warning_fires_once_in_a_process_that_queries_from_its_main_thread(
+    args: list[str],
+) -> None:
+    environ = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.script_settings",
+        "PGPOOL_TEST_WITHOUT_APP": "1",
+    }
+    proc = run_python(args, environ, timeout=60)
+    assert "queried" in proc.stdout
+    assert proc.stderr.count(wrapper.NOT_INSTALLED_MESSAGE) == 1, proc.stderr
+
+
+def test_no_missing_app_warning_when_the_app_is_installed() -> None:
+    environ = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.script_settings"}
+    proc = run_python(["-c", MAIN_THREAD_QUERIES], environ, timeout=60)
+    assert "queried" in proc.stdout
+    assert "INSTALLED_APPS" not in proc.stderr, proc.stderr
