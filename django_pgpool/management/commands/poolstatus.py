@@ -18,7 +18,7 @@ from ...identity import HOSTNAME
 from .._aliases import add_database_argument, pool_config, selected_aliases
 from .._host import host_processes, read_host_snapshots
 from .._pause import describe_since
-from .._redaction import database_identity
+from .._redaction import database_identity, libpq_in_effect, session_settings
 from .._server import server_view, unreachable_server_view
 
 NO_PROCESS = "no process on this host has a pool of this database"
@@ -183,7 +183,11 @@ class Command(BaseCommand):
         databases: dict[str, dict[str, Any]] = {
             alias: {
                 "config": pool_config(alias),
-                "database": database_identity(alias),
+                "database": {
+                    **database_identity(alias),
+                    "libpq": libpq_in_effect(alias),
+                    "session_settings": session_settings(alias),
+                },
                 "pause": pause_state.get(alias, {"generation": 0, "paused_since": None}),
                 "processes": host_processes(alias, snapshots),
             }
@@ -281,7 +285,8 @@ class Command(BaseCommand):
 
         for alias, info in report.items():
             database = info["database"]
-            libpq = ", ".join(f"{key}={value}" for key, value in database["OPTIONS"].items())
+            libpq = ", ".join(f"{key}={value}" for key, value in database["libpq"].items())
+            session = ", ".join(f"{k}={v}" for k, v in database["session_settings"].items())
             since = info["pause"]["paused_since"]
             paused = "no"
             if since is not None:
@@ -291,7 +296,8 @@ class Command(BaseCommand):
                 )
             settings = [
                 *((key, database[key]) for key in ("NAME", "HOST", "PORT", "USER")),
-                ("OPTIONS", libpq or "-"),
+                ("libpq in effect", libpq or "-"),
+                ("session settings", session or "-"),
                 *info["config"].items(),
                 ("paused", paused),
             ]
