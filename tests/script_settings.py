@@ -15,3 +15,8 @@ from tests.settings import INSTALLED_APPS, database
 DATABASES = {"default": database("postgres"), "other": database("postgres", maxconn=2)}
 if os.environ.get("PGPOOL_TEST_WITHOUT_APP"):
     INSTALLED_APPS = [app for app in INSTALLED_APPS if app != "django_pgpool"]
+
+# The default status directory (tests.settings has a private one).
+PGPOOL_STATUS_DIR = None
+if os.environ.get("PGPOOL_TEST_EXTRA_DATABASE"):  # other DATABASES than the commands'
+    DATABASES["reports"] = database("postgres", maxconn=1)
