@@ -111,8 +111,9 @@ def settings_params(config: Mapping[str, Any]) -> dict[str, Any]:
 def databases_key(databases: Iterable[tuple[str, Mapping[str, Any]]]) -> str:
     """Return a directory name for these (alias, DATABASES entry) pairs: what they reach.
 
-    ``"<first database name>-<12 hex digits>"``: the digits hash every alias
-    with its database_key(); the name is there for people.
+    ``"<database name>-<12 hex digits>"``: the digits hash every alias with its
+    database_key(); the name (of the first alias in alphabetical order) is
+    there for people.
     """
     pairs = sorted((alias, database_key(settings_params(config))) for alias, config in databases)
     digest = hashlib.blake2b(repr(pairs).encode(), digest_size=6).hexdigest()

@@ -922,7 +922,7 @@ def test_a_pool_created_while_its_alias_is_paused_is_paused_before_its_first_bor
     assert entry.pool.paused_since is None
 
 
-@pytest.mark.django_db(databases=["default", "other"])
+@pytest.mark.django_db(databases=["default", "other"], transaction=True)
 @pytest.mark.usefixtures("no_pool_for_other", "resume_all")
 def test_the_pause_state_is_kept_by_alias_with_a_generation_and_since_when() -> None:
     before = status.read_pause_state().get("other", {"generation": 0})["generation"]
