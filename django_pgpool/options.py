@@ -6,18 +6,25 @@ Validation lives here and nowhere else: the ENGINE raises the first problem as
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, NamedTuple
 
+import psycopg2
+import psycopg2.extensions
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from .pool import callable_name
 
 __all__ = [
+    "DJANGO_KEYS",
+    "LIBPQ_KEYWORDS",
     "POOL_KEYS",
+    "PSYCOPG2_KEYS",
     "RESET_MODES",
     "PoolOptions",
     "Problem",
@@ -68,6 +75,114 @@ DEFAULTS = PoolOptions()
 #: The OPTIONS keys that belong to the pool and must never reach libpq.
 POOL_KEYS = frozenset(f.name for f in fields(PoolOptions))
 
+#: OPTIONS keys that Django's postgresql backend takes for itself and never
+#: passes to libpq (its get_connection_params() pops them), Django 5.2-6.1.
+DJANGO_KEYS = frozenset({"assume_role", "isolation_level", "pool", "server_side_binding"})
+
+#: Keyword arguments of psycopg2.connect() that are psycopg2's, not libpq's
+#: (Django sets cursor_factory itself).
+PSYCOPG2_KEYS = frozenset({"connection_factory", "cursor_factory", "async", "async_"})
+
+# Django's OPTIONS keys for psycopg 3 only: under psycopg2 they reach libpq.
+_PSYCOPG3_KEYS = frozenset({"prepare_threshold"})
+
+#: libpq's connection parameters, PostgreSQL 15 to 17 (the documentation's
+#: "Parameter Key Words", 32.1.2), for the "did you mean" of a misspelt key.
+#: Whether a key is one is asked of the libpq psycopg2 runs on (_libpq_knows()):
+#: it is the one that refuses an unknown key at connect.
+LIBPQ_KEYWORDS = frozenset(
+    {
+        "application_name",
+        "channel_binding",
+        "client_encoding",
+        "connect_timeout",
+        "dbname",
+        "fallback_application_name",
+        "gssdelegation",  # 16
+        "gssencmode",
+        "gsslib",
+        "host",
+        "hostaddr",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "krbsrvname",
+        "load_balance_hosts",  # 16
+        "options",
+        "passfile",
+        "password",
+        "port",
+        "replication",
+        "require_auth",  # 16
+        "requirepeer",
+        "requiressl",
+        "service",
+        "ssl_max_protocol_version",
+        "ssl_min_protocol_version",
+        "sslcert",
+        "sslcertmode",  # 16
+        "sslcompression",
+        "sslcrl",
+        "sslcrldir",
+        "sslkey",
+        "sslmode",
+        "sslnegotiation",  # 17
+        "sslpassword",
+        "sslrootcert",
+        "sslsni",
+        "target_session_attrs",
+        "tcp_user_timeout",
+        "user",
+    }
+)
+
+
+@functools.cache
+def _libpq_knows(key: str) -> bool:
+    """Return True if the libpq in use takes ``key`` as a connection parameter."""
+    if not key.isidentifier():  # "max conn", "a=b": never one, and not to be parsed
+        return False
+    try:
+        psycopg2.extensions.parse_dsn(f"{key}=x")
+    except psycopg2.ProgrammingError:  # invalid dsn: invalid connection option "..."
+        return False
+    return True
+
+
+def _libpq_version() -> str:
+    version = psycopg2.extensions.libpq_version()
+    return f"{version // 10000}.{version % 10000}"
+
+
+def _unknown_key_problem(alias: str, key: object) -> Problem | None:
+    """Return the problem with an OPTIONS key nobody takes, or None if someone does."""
+    if isinstance(key, str) and (
+        key in POOL_KEYS or key in DJANGO_KEYS or key in PSYCOPG2_KEYS or _libpq_knows(key)
+    ):
+        return None
+    if not isinstance(key, str):
+        path = f"DATABASES[{alias!r}]['OPTIONS']"
+        return Problem(E_UNKNOWN_KEY, path, f"{path} has the key {key!r}; keys are strings.")
+    path = _path(alias, key)
+    if key in _PSYCOPG3_KEYS:
+        message = (
+            f"{path} is an option of Django's postgresql backend on psycopg 3; django_pgpool "
+            "runs on psycopg2, whose libpq would refuse to connect (invalid connection option "
+            f"{key!r}). Remove it."
+        )
+        return Problem(E_UNKNOWN_KEY, path, message)
+    known = sorted(POOL_KEYS | DJANGO_KEYS | LIBPQ_KEYWORDS)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    fix = f"Did you mean {close[0]!r}? Rename or remove it." if close else "Remove it."
+    message = (
+        f"{path} is not an option of django_pgpool, nor of Django's postgresql backend, nor "
+        f"a connection parameter of libpq {_libpq_version()}, which would refuse to connect "
+        f"(invalid connection option {key!r}). {fix}"
+    )
+    return Problem(E_UNKNOWN_KEY, path, message)
+
+
 # key -> (lowest allowed value, text of the allowed range)
 _INT_KEYS = {
     "minconn": (0, "an integer >= 0"),
@@ -103,6 +218,7 @@ E_MIN_MAX = "django_pgpool.E002"  # minconn > maxconn
 E_DJANGO_POOL = "django_pgpool.E003"  # OPTIONS['pool'] (Django's psycopg 3 pool)
 E_CONN_MAX_AGE = "django_pgpool.E004"  # CONN_MAX_AGE not None nor a number >= 0
 E_CALLABLE = "django_pgpool.E005"  # OPTIONS['credentials'] or ['check'] can't be imported or called
+E_UNKNOWN_KEY = "django_pgpool.E006"  # an OPTIONS key that is no one's (a typo of 'maxconn')
 
 # key -> what the callable must do (for the error message)
 _CALLABLE_KEYS = {
@@ -119,7 +235,9 @@ def _path(alias: str, key: str) -> str:
 
 def option_problems(alias: str, options: Mapping[str, Any], conn_max_age: Any = 0) -> list[Problem]:
     """Return every problem in a database's settings."""
-    problems: list[Problem] = []
+    problems: list[Problem] = [
+        problem for key in options if (problem := _unknown_key_problem(alias, key)) is not None
+    ]
 
     def bad(key: str, allowed: str) -> None:
         path = _path(alias, key)

@@ -863,6 +863,11 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             if not closed:
                 self._used[token] = conn
                 del self._reserved[token]
+                if self._refill_failures:
+                    # The server answers again: the refill stops backing off
+                    # (up to a minute) and runs now, not after its backoff.
+                    self._refill_failures, self._refill_after = 0, 0.0
+                    maintenance.wake()
                 return conn
             self._stats[CONNECTIONS_CLOSED] += 1
         _close_quietly(conn)

@@ -34,7 +34,14 @@ atomically).
 The directory holds no secret (no password, no connect string) and is
 created owner-only (0700). It is ``settings.PGPOOL_STATUS_DIR``, else the
 ``DJANGO_PGPOOL_STATUS_DIR`` environment variable, else
-``<tmp>/django_pgpool-<uid>/<settings module>``. The default sits in the
+``<tmp>/django_pgpool-<uid>/<databases>``, where ``<databases>`` is named
+after the pooled aliases of DATABASES and the databases they reach
+(``identity.databases_key()``: user, host, port and database name, never a
+password), not after the settings module: the workers (``settings.production``)
+and a command run with manage.py's default settings module find each other
+as long as they reach the same databases. Each snapshot says which settings
+module its process runs under, so that a command can name the one to use
+when they don't (``find_elsewhere()``). The default sits in the
 shared temporary directory, at a name anyone can predict: another user may
 have put a file, a symbolic link or a directory of theirs there first. So
 each directory we create or rely on (``django_pgpool-<uid>`` and the one
@@ -78,11 +85,12 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from . import forking, maintenance, registry
-from .identity import HOSTNAME
+from .identity import HOSTNAME, databases_key
 
 __all__ = [
     "HOSTNAME",
     "describe_failure",
+    "find_elsewhere",
     "pause_seen",
     "publish",
     "read_pause_state",
@@ -137,9 +145,8 @@ def status_dir(create: bool = True) -> Path:
         path = Path(configured)
         private = [path]  # its parents are the user's choice, maybe shared on purpose
     else:
-        project = re.sub(r"[^A-Za-z0-9_.-]", "_", os.environ.get("DJANGO_SETTINGS_MODULE", ""))
-        top = Path(tempfile.gettempdir()) / f"django_pgpool-{os.getuid()}"
-        path = top / (project or "default")
+        top = _default_top()
+        path = top / _default_name()
         private = [top, path]
     if create:
         private[0].parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +159,38 @@ def status_dir(create: bool = True) -> Path:
         finally:
             os.close(parent)
     return path
+
+
+def _default_top() -> Path:
+    """Return the directory holding this user's default status directories."""
+    return Path(tempfile.gettempdir()) / f"django_pgpool-{os.getuid()}"
+
+
+def _default_name() -> str:
+    """Return the default status directory's name: the pooled databases of DATABASES."""
+    from .checks import pooled_engine  # imports the ENGINE, which imports this module
+
+    return databases_key(
+        (str(alias), config)
+        for alias, config in settings.DATABASES.items()
+        if pooled_engine(config.get("ENGINE"))
+    )
+
+
+def find_elsewhere(pid: int) -> tuple[Path, dict[str, Any]] | None:
+    """Return where process ``pid`` publishes its snapshot, and the snapshot, if it
+    does in another of this user's default status directories than this one."""
+    here = status_dir(create=False)
+    top = _default_top()
+    with contextlib.suppress(OSError):
+        for path in sorted(top.glob(f"*/{pid}.json")):
+            if path.parent == here or path.parent.is_symlink():
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                snapshot = json.loads(path.read_text())
+                if isinstance(snapshot, dict):
+                    return path.parent, snapshot
+    return None
 
 
 def _open_private_dir(parent: int, path: Path) -> int:
@@ -225,7 +264,12 @@ def snapshot() -> dict[str, Any]:
                 **entry.pool.activity(),
             }
         )
-    return {"pid": os.getpid(), "host": HOSTNAME, "pools": pools}
+    return {
+        "pid": os.getpid(),
+        "host": HOSTNAME,
+        "settings_module": os.environ.get("DJANGO_SETTINGS_MODULE", ""),
+        "pools": pools,
+    }
 
 
 def publish() -> None:
@@ -238,16 +282,21 @@ def publish() -> None:
         "pause_seen": pause_seen(),
     }
     pid = os.getpid()
-    with _lock:
-        if _published["pid"] == pid and _published["body"] == body:
-            return
     path = status_dir() / f"{pid}.json"
+    with _lock:
+        if _published["pid"] == pid and _published["body"] == body and _published["path"] == path:
+            return
     document = {**body, "updated": time.time()}
     _write_atomically(path, json.dumps(document, sort_keys=True))
     with _lock:
         first = _published["pid"] != pid
+        moved = None if first else _published["path"]
         _published.update(pid=pid, body=body, path=path)
-    if first:
+    if moved is not None and moved != path:
+        # The default directory follows DATABASES (the test runner's NAME
+        # switch): the snapshot moves with it.
+        _remove_own_snapshot(pid, moved)
+    if first or moved != path:
         atexit.register(_remove_own_snapshot, pid, path)
 
 

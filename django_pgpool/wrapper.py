@@ -71,7 +71,20 @@ _warned_not_installed = False
 def _warn_if_app_not_installed() -> None:
     """Say once per process that the commands and checks need the app installed."""
     global _warned_not_installed
-    if _warned_not_installed or not apps.ready or apps.is_installed("django_pgpool"):
+    if _warned_not_installed:
+        return
+    if apps.apps_ready:  # all app configs imported (models maybe not): it knows
+        installed = apps.is_installed("django_pgpool")
+    else:
+        # The main thread's wrapper is often built while the apps load (a
+        # model's Meta asks connection.ops): the setting tells, not the registry.
+        from django.conf import settings
+
+        installed = any(
+            str(entry) == "django_pgpool" or str(entry).startswith("django_pgpool.")
+            for entry in settings.INSTALLED_APPS
+        )
+    if installed:
         return
     _warned_not_installed = True
     logger.warning(NOT_INSTALLED_MESSAGE)

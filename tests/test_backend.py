@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg2
+import psycopg2.extensions
 import pytest
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import OperationalError, connection, connections, transaction
 from django.test import override_settings
 
-from django_pgpool import base, registry, wrapper
+from django_pgpool import base, options, registry, wrapper
 from django_pgpool.checks import check_pool_options
-from tests.helpers import make_wrapper, scalar
+from tests.helpers import make_wrapper, run_python, scalar
 from tests.pgserver import ServerInfo
 from tests.tcpproxy import TcpProxy
 from tests.testapp.models import Item
@@ -211,6 +214,78 @@ def test_system_checks_pass_on_valid_settings() -> None:
     assert check_pool_options() == []
 
 
+TYPO_MESSAGE = (
+    "DATABASES['bad']['OPTIONS']['max_conn'] is not an option of django_pgpool, nor of "
+    "Django's postgresql backend, nor a connection parameter of libpq"
+)
+
+
+def test_a_misspelt_option_fails_manage_py_check_and_suggests_the_right_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bad = {**connections["default"].settings_dict, "OPTIONS": {"max_conn": 20, "timout": 5}}
+    monkeypatch.setattr(settings, "DATABASES", {"bad": bad})
+    errors = check_pool_options()
+    assert [e.id for e in errors] == ["django_pgpool.E006", "django_pgpool.E006"]
+    assert TYPO_MESSAGE in errors[0].msg
+    assert "(invalid connection option 'max_conn'). Did you mean 'maxconn'?" in errors[0].msg
+    assert "Did you mean 'timeout'?" in errors[1].msg
+    assert errors[0].hint == "Fix DATABASES['bad']['OPTIONS']['max_conn']."
+
+
+def test_a_misspelt_option_is_refused_at_first_use_with_the_same_message() -> None:
+    wrapper = wrapper_with(OPTIONS={"minconn": 0, "max_conn": 20})
+    with pytest.raises(ImproperlyConfigured) as info:
+        wrapper.ensure_connection()
+    assert TYPO_MESSAGE in str(info.value)
+    assert "Did you mean 'maxconn'? Rename or remove it." in str(info.value)
+    assert registry.entries("bad") == []  # no pool with maxconn 10 behind the user's back
+
+
+@pytest.mark.parametrize(
+    "key", ["sslmode", "target_session_attrs", "assume_role", "isolation_level", "cursor_factory"]
+)
+def test_options_of_libpq_django_and_psycopg2_pass_the_checks(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = {**connections["default"].settings_dict, "OPTIONS": {key: None}}
+    monkeypatch.setattr(settings, "DATABASES", {"default": bad})
+    assert check_pool_options() == []
+
+
+def test_options_of_django_on_psycopg3_only_are_refused_with_the_reason() -> None:
+    problems = options.option_problems("bad", {"prepare_threshold": None})
+    assert [p.id for p in problems] == ["django_pgpool.E006"]
+    assert "Django's postgresql backend on psycopg 3" in problems[0].message
+
+
+# PostgreSQL version that introduced each keyword newer than 15.
+LIBPQ_KEYWORD_SINCE = {
+    "gssdelegation": 16,
+    "load_balance_hosts": 16,
+    "require_auth": 16,
+    "sslcertmode": 16,
+    "sslnegotiation": 17,
+}
+
+
+def test_the_libpq_keyword_list_matches_what_the_libpq_in_use_accepts() -> None:
+    """The hard-coded list (for "did you mean") against libpq's own parser."""
+    libpq_major = psycopg2.extensions.libpq_version() // 10000
+    for key in options.LIBPQ_KEYWORDS:
+        accepted = options._libpq_knows(key)
+        if libpq_major >= LIBPQ_KEYWORD_SINCE.get(key, 15):
+            assert accepted, key
+    # What is not libpq's must never reach it: libpq refuses each of them.
+    for key in options.POOL_KEYS | options.DJANGO_KEYS | options.PSYCOPG2_KEYS | {"max_conn"}:
+        assert not options._libpq_knows(key), key
+        with pytest.raises(psycopg2.ProgrammingError, match="invalid connection option"):
+            psycopg2.extensions.parse_dsn(f"{key}=x")
+    # The parameters the ENGINE adds by itself are libpq's.
+    for key in [*wrapper.TCP_KEEPALIVE_DEFAULTS, "application_name", "connect_timeout"]:
+        assert key in options.LIBPQ_KEYWORDS and options._libpq_knows(key)
+
+
 def test_psycopg3_picked_by_django_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # Installing psycopg 3 here would switch the whole suite to it; inject the flag.
     monkeypatch.setattr(wrapper, "is_psycopg3", True)
@@ -302,3 +377,42 @@ def test_a_wrapper_closed_with_underscore_close_is_unusable_like_stock() -> None
     assert connection.is_usable() is False
     connection.close()
     assert scalar("SELECT 1") == 1
+
+
+# A script, manage.py shell or a Celery prefork task: queries from the main
+# thread, whose connection object Django builds while the apps load.
+MAIN_THREAD_QUERIES = """
+import django
+django.setup()
+from django.db import connection
+for _ in range(3):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    connection.close()
+print("queried")
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-c", MAIN_THREAD_QUERIES], ["-m", "django", "shell", "-c", MAIN_THREAD_QUERIES]],
+    ids=["script", "manage.py shell"],
+)
+def test_the_missing_app_warning_fires_once_in_a_process_that_queries_from_its_main_thread(
+    args: list[str],
+) -> None:
+    environ = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.script_settings",
+        "PGPOOL_TEST_WITHOUT_APP": "1",
+    }
+    proc = run_python(args, environ, timeout=60)
+    assert "queried" in proc.stdout
+    assert proc.stderr.count(wrapper.NOT_INSTALLED_MESSAGE) == 1, proc.stderr
+
+
+def test_no_missing_app_warning_when_the_app_is_installed() -> None:
+    environ = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.script_settings"}
+    proc = run_python(["-c", MAIN_THREAD_QUERIES], environ, timeout=60)
+    assert "queried" in proc.stdout
+    assert "INSTALLED_APPS" not in proc.stderr, proc.stderr

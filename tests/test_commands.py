@@ -97,8 +97,19 @@ STATUS_SHAPE = {
                 "PORT": str,
                 "USER": str,
                 "OPTIONS": MapOf((int, float, str, bool, type(None))),
+                "libpq": MapOf((int, float, str, bool, type(None))),
+                "session_settings": MapOf(str),
             },
             "pause": {"generation": int, "paused_since": Nullable(NUMBER)},
+            "unreached": [
+                {
+                    "pid": int,
+                    "sessions": int,
+                    "uid": int,
+                    "status_dir": Nullable(str),
+                    "settings_module": Nullable(str),
+                }
+            ],
             "processes": [
                 {
                     "pid": int,
@@ -335,6 +346,55 @@ def test_poolstatus_lists_both_databases_with_their_configuration() -> None:
     assert re.search(rf"\n  HOST +{re.escape(SERVER.host)}\n", output)
     assert re.search(rf"\n  USER +{re.escape(SERVER.user)}\n", output)
     assert output.startswith(f"Host {HOSTNAME}, ")
+
+
+@pytest.mark.django_db(databases=["default", "other"], transaction=True)
+def test_poolstatus_shows_the_libpq_parameters_in_effect_with_the_engine_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not "OPTIONS -" while OPTIONS holds pool keys: what the pools connect with."""
+    options = connections["other"].settings_dict["OPTIONS"]
+    monkeypatch.setitem(options, "sslmode", "prefer")
+    monkeypatch.setitem(options, "keepalives_idle", 45)  # the user's, not the default 30
+    monkeypatch.setitem(options, "assume_role", SERVER.user)
+    output = run("poolstatus", "--database", "other")
+    document = status_json("--database", "other")
+
+    line = re.search(r"\n  libpq in effect +(.*)\n", output)
+    assert line is not None, output
+    shown = dict(item.split("=", 1) for item in line[1].split(", "))
+    assert shown == {
+        "application_name": "[pgpool other@" + HOSTNAME[:24] + ":<pid>]",
+        "client_encoding": "UTF8",
+        "connect_timeout": "5",  # the pool's timeout
+        "keepalives": "1",
+        "keepalives_count": "3",
+        "keepalives_idle": "45",
+        "keepalives_interval": "10",
+        "password": "<hidden>",
+        "sslmode": "prefer",
+    }
+    assert re.search(r"\n  session settings +TimeZone=UTC, role=" + SERVER.user + r"\n", output)
+    assert "\n  OPTIONS " not in output
+    database = document["databases"]["other"]["database"]
+    assert database["libpq"]["keepalives_interval"] == 10
+    assert database["libpq"]["connect_timeout"] == 5
+    assert database["libpq"]["password"] == "<hidden>"
+    assert database["session_settings"] == {"TimeZone": "UTC", "role": SERVER.user}
+    assert database["OPTIONS"] == {
+        "sslmode": "prefer",
+        "keepalives_idle": 45,
+        "assume_role": SERVER.user,
+    }
+    assert SERVER.password not in output + json.dumps(document)
+    # What poolstatus shows is what the pool of this process connects with.
+    with connections["other"].cursor() as cursor:
+        cursor.execute("SELECT current_setting('application_name')")
+        (name,) = cursor.fetchone()
+    assert name.replace(f":{os.getpid()}]", ":<pid>]") == shown["application_name"]
+    dsn = connections["other"].connection.dsn
+    for key in ("connect_timeout", "keepalives_idle", "keepalives_count", "sslmode"):
+        assert f"{key}={shown[key]}" in dsn
 
 
 @pytest.mark.django_db(databases=["default", "other"], transaction=True)
@@ -862,6 +922,7 @@ def test_a_pool_created_while_its_alias_is_paused_is_paused_before_its_first_bor
     assert entry.pool.paused_since is None
 
 
+@pytest.mark.django_db(databases=["default", "other"], transaction=True)
 @pytest.mark.usefixtures("no_pool_for_other", "resume_all")
 def test_the_pause_state_is_kept_by_alias_with_a_generation_and_since_when() -> None:
     before = status.read_pause_state().get("other", {"generation": 0})["generation"]

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -136,9 +137,10 @@ def default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: Setti
     monkeypatch.setattr(tempfile, "tempdir", str(shared))
     del settings.PGPOOL_STATUS_DIR
     monkeypatch.delenv("DJANGO_PGPOOL_STATUS_DIR", raising=False)
-    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.settings")
     top = shared / f"django_pgpool-{os.getuid()}"
-    assert status.status_dir(create=False) == top / "tests.settings"
+    default = status.status_dir(create=False)
+    assert default.parent == top
+    assert re.fullmatch(r"test_pgpool-[0-9a-f]{12}", default.name)  # the first database's name
     return top
 
 
@@ -195,7 +197,7 @@ def test_a_symbolic_link_squatting_the_status_directory_is_never_followed(
         link = default_dir
     else:
         default_dir.mkdir(mode=0o700)
-        link = default_dir / "tests.settings"
+        link = status.status_dir(create=False)
     link.symlink_to(target)
     with pytest.raises(ImproperlyConfigured, match="is a symbolic link") as refused:
         status.status_dir()
@@ -217,7 +219,7 @@ def test_a_directory_of_another_user_is_refused(
     level: str,
 ) -> None:
     default_dir.mkdir(mode=0o700)
-    theirs = default_dir if level == "per-user" else default_dir / "tests.settings"
+    theirs = default_dir if level == "per-user" else status.status_dir(create=False)
     theirs.mkdir(mode=0o700, exist_ok=True)
     os.chown(theirs, NOBODY, NOBODY)
     with pytest.raises(ImproperlyConfigured, match=f"belongs to uid {NOBODY}") as refused:
@@ -333,3 +335,33 @@ def test_a_full_or_read_only_status_directory_is_said_once_and_recovers(
         warning = assert_said_once_then_recovers(caplog, rounds, fix)
         expected = "No space left on device" if fault == "full" else "Read-only file system"
         assert expected in warning
+
+
+def test_the_database_key_names_what_libpq_reaches_and_never_a_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for variable in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE"):
+        monkeypatch.delenv(variable, raising=False)
+    key = identity.database_key
+    assert key({"dbname": "shop", "host": "db", "port": 5433, "user": "app"}) == "app@db:5433/shop"
+    assert key({"dbname": "shop", "host": "db", "user": "app", "password": "s3cr3t"}) == (
+        "app@db:5432/shop"
+    )
+    conninfo = "host=db port=6432 dbname=shop user=app password=s3cr3t"
+    assert key({"dbname": conninfo}) == "app@db:6432/shop"
+    uri = "postgresql://app:s3cr3t@db:6432/shop"
+    assert key({"dbname": uri}) == "app@db:6432/shop"
+    monkeypatch.setenv("PGHOST", "envhost")
+    monkeypatch.setenv("PGUSER", "envuser")
+    assert key({"dbname": "shop"}) == "envuser@envhost:5432/shop"
+    assert key({"service": "mine"}) == "envuser@envhost:/?service=mine"
+
+
+def test_the_default_directory_follows_the_databases_not_the_settings_module() -> None:
+    config = {"NAME": "shop", "HOST": "db", "PORT": "", "USER": "app", "PASSWORD": "s3cr3t"}
+    name = identity.databases_key([("default", {**config, "OPTIONS": {"maxconn": 2}})])
+    assert re.fullmatch(r"shop-[0-9a-f]{12}", name)
+    # Pool options and the password are not what is reached; the alias and the database are.
+    assert identity.databases_key([("default", {**config, "PASSWORD": "other"})]) == name
+    assert identity.databases_key([("primary", config)]) != name
+    assert identity.databases_key([("default", {**config, "HOST": "db2"})]) != name

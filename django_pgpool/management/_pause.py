@@ -21,6 +21,7 @@ from .. import status
 from ..identity import HOSTNAME
 from ._aliases import add_database_argument, selected_aliases
 from ._host import host_processes, read_host_snapshots
+from ._reach import check_reached
 from ._words import DEFAULT_WAIT, POLL, pid_list, plural, seconds
 
 __all__ = ["PauseCommand", "describe_since"]
@@ -73,10 +74,21 @@ class PauseCommand(BaseCommand):
         for alias in aliases:
             asked[alias] = [p["pid"] for p in host_processes(alias, snapshots)]
             self._say_asked(alias, asked[alias], before[alias]["paused_since"])
+        verb = "paused" if self.paused else "resumed"
+        failures = []
+        for alias in aliases:
+            failure, warning = check_reached(
+                alias, f"pool{verb[:-1]}", f"they were not asked to be {verb}"
+            )
+            if warning is not None:
+                self.stderr.write(warning)
+            if failure is not None:
+                failures.append(failure)
         if wait is None:
+            if failures:
+                raise CommandError("; ".join(failures))
             return
         deadline = requested_at + wait
-        failures = []
         for alias in aliases:
             pending, seen = self._wait(alias, after[alias]["generation"], deadline)
             elapsed = time.monotonic() - requested_at

@@ -7,18 +7,24 @@ secret.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..options import POOL_KEYS
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import CommandError
+
+from ..options import POOL_KEYS, PSYCOPG2_KEYS
 from ._aliases import database_wrapper
 
 __all__ = [
     "HIDDEN",
     "SHOWN_OPTIONS",
     "database_identity",
+    "libpq_in_effect",
     "one_line",
+    "session_settings",
     "shown_database",
     "shown_name",
     "shown_options",
@@ -35,6 +41,7 @@ SHOWN_OPTIONS = frozenset(
     {
         "application_name",
         "assume_role",
+        "channel_binding",
         "client_encoding",
         "connect_timeout",
         "gssencmode",
@@ -43,10 +50,12 @@ SHOWN_OPTIONS = frozenset(
         "keepalives_count",
         "keepalives_idle",
         "keepalives_interval",
+        "load_balance_hosts",
         "options",
         "server_side_binding",
         "sslmode",
         "target_session_attrs",
+        "tcp_user_timeout",
     }
 )
 
@@ -58,6 +67,38 @@ def shown_options(options: Mapping[str, Any]) -> dict[str, Any]:
         for key, value in options.items()
         if key not in POOL_KEYS
     }
+
+
+#: libpq parameters left out of libpq_in_effect(): shown as NAME, HOST, PORT and USER.
+_IDENTITY_PARAMS = frozenset({"dbname", "host", "port", "user"})
+
+
+def libpq_in_effect(alias: str) -> dict[str, Any]:
+    """Return the libpq parameters the alias's pools connect with, secrets hidden.
+
+    What the ENGINE adds is there (client_encoding, connect_timeout, TCP
+    keepalives, the application_name tag, whose pid is each process's own:
+    ``<pid>``), not the database's identity (NAME, HOST, PORT, USER) nor
+    psycopg2's own arguments (cursor_factory).
+    """
+    wrapper = database_wrapper(alias)
+    try:
+        params = wrapper._pooled_connection_params(wrapper.pool_options())
+    except ImproperlyConfigured as exc:
+        raise CommandError(str(exc)) from exc
+    shown = {
+        key: value if key in SHOWN_OPTIONS else HIDDEN
+        for key, value in sorted(params.items())
+        if key not in _IDENTITY_PARAMS and key not in PSYCOPG2_KEYS
+    }
+    if isinstance(shown.get("application_name"), str):
+        shown["application_name"] = shown["application_name"].replace(f":{os.getpid()}]", ":<pid>]")
+    return shown
+
+
+def session_settings(alias: str) -> dict[str, str]:
+    """Return the settings each pooled session is given at connect (TimeZone, role)."""
+    return database_wrapper(alias)._session_settings()
 
 
 def shown_name(name: str) -> str:

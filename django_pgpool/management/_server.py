@@ -18,7 +18,7 @@ from django.core.management import CommandError
 from django.db import Error as DatabaseError
 from django.db.backends.utils import CursorWrapper
 
-from ..identity import TAG_PATTERN
+from ..identity import HOSTNAME, TAG_PATTERN
 from ..wrapper import NO_DB_ALIAS
 from ._aliases import database_wrapper
 from ._redaction import database_identity, one_line
@@ -29,6 +29,7 @@ __all__ = [
     "Termination",
     "server_view",
     "terminate",
+    "this_hosts_clients",
     "unreachable_server_view",
     "wait_until_gone",
 ]
@@ -167,6 +168,38 @@ def server_view(alias: str) -> dict[str, Any]:
             }
         )
     return {"database": database, "error": None, **_count_states(backends), "processes": processes}
+
+
+# Every pooled session on the alias's database as the alias's user, whatever
+# the alias in its tag (the workers may name the database otherwise).
+_USERS_TAGGED_SESSIONS = """
+SELECT application_name,
+       GREATEST(EXTRACT(EPOCH FROM clock_timestamp() - backend_start), 0)::float8
+  FROM pg_stat_activity
+ WHERE datname = current_database()
+   AND usename = session_user
+   AND application_name LIKE %s
+   AND pid <> pg_backend_pid()
+"""
+
+
+def this_hosts_clients(alias: str, command: str) -> dict[int, tuple[int, float]]:
+    """Return the processes of this host that have pooled sessions on ``alias``'s
+    database as its user: client pid -> (sessions, age of the oldest in seconds).
+
+    Raises CommandError if the database can't be reached.
+    """
+    with _server_cursor(alias, command, "a look at the server's sessions") as cursor:
+        cursor.execute(_USERS_TAGGED_SESSIONS, [_TAG_LIKE])
+        rows = cursor.fetchall()
+    clients: dict[int, tuple[int, float]] = {}
+    for name, age in rows:
+        match = TAG_PATTERN.search(name or "")
+        if match is None or match["host"] != HOSTNAME[:24]:  # application_name() cuts at 24
+            continue
+        count, oldest = clients.get(int(match["pid"]), (0, 0.0))
+        clients[int(match["pid"])] = (count + 1, max(oldest, age or 0.0))
+    return clients
 
 
 def unreachable_server_view(message: str) -> dict[str, Any]:

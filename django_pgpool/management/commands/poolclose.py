@@ -22,6 +22,7 @@ from ... import maintenance, registry, status
 from ...identity import HOSTNAME
 from .._aliases import add_database_argument, selected_aliases
 from .._host import host_processes, read_host_snapshots
+from .._reach import check_reached
 from .._server import terminate, wait_until_gone
 from .._words import DEFAULT_WAIT, POLL, pid_list, plural, seconds
 
@@ -146,10 +147,19 @@ class Command(BaseCommand):
                     f"No process on host {HOSTNAME} has a pool of database {alias!r}: "
                     "nothing to reconnect."
                 )
+        # What the status directory can't reach, the server may still show.
+        failures = []
+        for alias in aliases:
+            failure, warning = check_reached(alias, "poolclose", "they were not asked to reconnect")
+            if warning is not None:
+                self.stderr.write(warning)
+            if failure is not None:
+                failures.append(failure)
         if wait is None:
+            if failures:
+                raise CommandError("; ".join(failures))
             return
         deadline = requested_at + wait
-        failures = []
         for alias in aliases:
             if not targets[alias]:
                 continue

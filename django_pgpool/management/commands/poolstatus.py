@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 from argparse import ArgumentParser
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -18,10 +20,12 @@ from ...identity import HOSTNAME
 from .._aliases import add_database_argument, pool_config, selected_aliases
 from .._host import host_processes, read_host_snapshots
 from .._pause import describe_since
-from .._redaction import database_identity
+from .._reach import Unreached, describe, unreached_processes
+from .._redaction import database_identity, libpq_in_effect, session_settings
 from .._server import server_view, unreachable_server_view
 
 NO_PROCESS = "no process on this host has a pool of this database"
+NOT_HERE = "no process publishes a pool of this database where this command looks: see below"
 NO_SESSION = "no session of this database's pools"
 
 # (heading, key of a published pool) of each figure of the host table.
@@ -184,7 +188,11 @@ class Command(BaseCommand):
         databases: dict[str, dict[str, Any]] = {
             alias: {
                 "config": pool_config(alias),
-                "database": database_identity(alias),
+                "database": {
+                    **database_identity(alias),
+                    "libpq": libpq_in_effect(alias),
+                    "session_settings": session_settings(alias),
+                },
                 "pause": pause_state.get(alias, {"generation": 0, "paused_since": None}),
                 "processes": host_processes(alias, snapshots),
             }
@@ -192,11 +200,24 @@ class Command(BaseCommand):
         }
         errors = []
         for alias in aliases:
+            databases[alias]["unreached"] = []
             try:
                 databases[alias]["server"] = server_view(alias)
             except CommandError as exc:
                 errors.append(str(exc))
                 databases[alias]["server"] = unreachable_server_view(str(exc))
+                continue
+            with contextlib.suppress(CommandError):  # reached a moment ago: shown if not
+                databases[alias]["unreached"] = [
+                    {
+                        "pid": u.pid,
+                        "sessions": u.sessions,
+                        "uid": u.uid,
+                        "status_dir": None if u.elsewhere is None else str(u.elsewhere),
+                        "settings_module": u.settings_module or None,
+                    }
+                    for u in unreached_processes(alias, "poolstatus")
+                ]
         document = {
             "host": HOSTNAME,
             "pid": os.getpid(),
@@ -230,7 +251,8 @@ class Command(BaseCommand):
         rows: list[Row] = []
         for alias, info in report.items():
             if not info["processes"]:
-                rows.append(([alias, info["database"]["NAME"]], NO_PROCESS))
+                missing = NOT_HERE if info["unreached"] else NO_PROCESS
+                rows.append(([alias, info["database"]["NAME"]], missing))
             for process in info["processes"]:
                 for pool in process["pools"]:
                     waiting = pool["requests_waiting"] > 0
@@ -281,8 +303,28 @@ class Command(BaseCommand):
             self.stdout.write(line)
 
         for alias, info in report.items():
+            if info["unreached"]:
+                unreached = [
+                    Unreached(
+                        u["pid"],
+                        u["sessions"],
+                        u["uid"],
+                        None if u["status_dir"] is None else Path(u["status_dir"]),
+                        u["settings_module"] or "",
+                    )
+                    for u in info["unreached"]
+                ]
+                missed = (
+                    "their pools are not in the first table, and poolclose, poolpause and "
+                    "poolresume don't reach them"
+                )
+                self.stdout.write("")
+                self.stdout.write(self.style.WARNING(describe(alias, unreached, missed) + "."))
+
+        for alias, info in report.items():
             database = info["database"]
-            libpq = ", ".join(f"{key}={value}" for key, value in database["OPTIONS"].items())
+            libpq = ", ".join(f"{key}={value}" for key, value in database["libpq"].items())
+            session = ", ".join(f"{k}={v}" for k, v in database["session_settings"].items())
             since = info["pause"]["paused_since"]
             paused = "no"
             if since is not None:
@@ -292,7 +334,8 @@ class Command(BaseCommand):
                 )
             settings = [
                 *((key, database[key]) for key in ("NAME", "HOST", "PORT", "USER")),
-                ("OPTIONS", libpq or "-"),
+                ("libpq in effect", libpq or "-"),
+                ("session settings", session or "-"),
                 *info["config"].items(),
                 ("paused", paused),
             ]
