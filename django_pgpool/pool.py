@@ -1269,6 +1269,9 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         if revoked is not None:
             revoked.revocable_since = 0.0
             revoked.revoked_at = time.monotonic()
+            # The revoking thread returns it now: were the holder's thread
+            # gone, maintenance must not take it back as an orphan meanwhile.
+            revoked.borrower = threading.current_thread()
             self._stats[LEASES_REVOKED] += 1
         return revoked
 
