@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import import_module
@@ -218,3 +220,25 @@ def start_python(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def fork_child(body: Callable[[], int], exit_with: str = "exit") -> int:
+    """Run ``body`` in a forked child; return its exit status (body's return value).
+
+    The child never returns into pytest. ``exit_with="exit"`` emulates a
+    normal exit: every object is garbage collected (which closes inherited
+    connections) before the process ends; ``"_exit"`` ends it at once.
+    """
+    pid = os.fork()
+    if pid == 0:  # the child
+        status = 70
+        try:
+            status = body()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            if exit_with == "exit":
+                gc.collect()
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

@@ -5,7 +5,6 @@ Nor does it open sessions for an inherited pool it doesn't borrow from.
 
 from __future__ import annotations
 
-import gc
 import os
 import select
 import signal
@@ -21,7 +20,7 @@ from django.db import connection, connections
 
 from django_pgpool.pool import ConnectionPool
 from tests.conftest import backend_pid
-from tests.helpers import wait_for
+from tests.helpers import fork_child, wait_for
 from tests.pgserver import ServerInfo
 from tests.testapp.models import Item
 
@@ -41,28 +40,6 @@ def run_queries(pool: ConnectionPool, base: int, count: int) -> list[int]:
             conn.rollback()
         pool.putconn(conn)
     return wrong
-
-
-def fork_child(body: Callable[[], int], exit_with: str = "exit") -> int:
-    """Run ``body`` in a forked child; return its exit status (body's return value).
-
-    The child never returns into pytest. ``exit_with="exit"`` emulates a
-    normal exit: every object is garbage collected (which closes inherited
-    connections) before the process ends; ``"_exit"`` ends it at once.
-    """
-    pid = os.fork()
-    if pid == 0:  # the child
-        status = 70
-        try:
-            status = body()
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            if exit_with == "exit":
-                gc.collect()
-            os._exit(status)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() with threads running

@@ -11,6 +11,7 @@ included).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -24,7 +25,7 @@ from django.db import OperationalError, connections
 
 from django_pgpool import base, registry
 from django_pgpool.pool import ConnectionPool
-from tests.helpers import scratch_database, wait_for
+from tests.helpers import fork_child, scratch_database, wait_for
 
 T = TypeVar("T")
 
@@ -431,3 +432,31 @@ def test_a_waiter_queued_before_a_lease_went_idle_gets_it_at_once(
     assert got == [conn]
     pool.putconn(conn, loan=conn.loan)
     pool.check_invariants(quiescent=True)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() with threads running
+def test_a_lease_between_requests_at_fork_is_the_parents_alone(
+    leased_alias: Callable[..., LeasedAlias],
+) -> None:
+    """A child forked while its parent's thread holds a lease between requests
+    (gunicorn --preload after a warm-up request, Celery prefork) serves its
+    requests on a session of its own; the parent's lease is still its own."""
+    alias = leased_alias("leases_fork", conn_max_age=None)
+    parent_pid = serve(alias.backend_pid)
+    read_end, write_end = os.pipe()
+
+    def child() -> int:
+        os.close(read_end)
+        pids = [serve(alias.backend_pid) for _ in range(2)]
+        connections[alias.name].close()
+        os.write(write_end, ",".join(map(str, pids)).encode())
+        return 0
+
+    assert fork_child(child) == 0
+    os.close(write_end)
+    child_pids = [int(p) for p in os.read(read_end, 100).decode().split(",")]
+    os.close(read_end)
+    assert parent_pid not in child_pids
+    assert child_pids[0] == child_pids[1]  # the child's own lease, kept across its requests
+    assert serve(alias.backend_pid) == parent_pid
+    assert alias.stats()["requests_num"] == 1
