@@ -25,8 +25,6 @@ import psycopg2
 import psycopg2.extras
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
-from django.core.signals import request_finished
-from django.db import connections
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 from django.db.utils import DEFAULT_DB_ALIAS
 from django.utils.asyncio import async_unsafe
@@ -216,28 +214,19 @@ else:
     _Base = object
 
 
-def _leases_between_requests(**kwargs: Any) -> None:
-    """At request_finished (after Django's own handler): this thread's leases may be revoked."""
-    for wrapper in connections.all(initialized_only=True):
-        if isinstance(wrapper, PooledWrapperMixin):
-            wrapper._pgpool_end_of_request()
-
-
-request_finished.connect(_leases_between_requests)
-
-
 class PooledWrapperMixin(_Base):
     """Pooling for a DatabaseWrapper derived from Django's postgresql one (list it first).
 
     Leases (``CONN_MAX_AGE`` other than 0)
     --------------------------------------
     Django then keeps the connection across requests; it stays the pool's
-    loan. At the end of each request (``request_finished``), outside a
-    transaction and ``atomic()``, the wrapper tells the pool it is between
-    requests (``lease_idle()``), and the pool may revoke the loan for a
-    borrower that would otherwise wait. Every use of the connection goes
-    through the ``connection`` property, which first claims the lease back
-    (``lease_claim()``, one lock round per request): revoked, the wrapper
+    loan. At the end of each request (Django's ``close_old_connections()`` at
+    ``request_finished``), outside a transaction and ``atomic()``, the
+    wrapper tells the pool it is between requests (``lease_idle()``), and
+    the pool may revoke the loan for a borrower that would otherwise wait.
+    Every use of the connection goes through the ``connection`` property,
+    which first claims the lease back (``lease_claim()``, one lock round per
+    request): revoked, the wrapper
     forgets the connection without touching it, runs ``close()`` with
     nothing to close (so that a subclass's own close logic runs), and the
     next query borrows again. Threads that see no request signals (Celery,
@@ -297,7 +286,7 @@ class PooledWrapperMixin(_Base):
         return None
 
     def _pgpool_end_of_request(self) -> None:
-        """Let the pool revoke this wrapper's lease until its next use (request_finished).
+        """Let the pool revoke this wrapper's lease until its next use (a request's end).
 
         Not inside a transaction or atomic(), nor while the wrapper is shared
         with other threads (a live test server's): those keep it in use.
@@ -309,9 +298,11 @@ class PooledWrapperMixin(_Base):
             or self._pgpool_between_requests
             or self.in_atomic_block
             or not self.autocommit
-            or self.allow_thread_sharing
+            # allow_thread_sharing without its lock: a stale read is the
+            # owner's own (only this thread shares or stops sharing it).
+            or self._thread_sharing_count  # type: ignore[attr-defined]
             or connection.closed
-            or connection.info.transaction_status != TRANSACTION_STATUS_IDLE
+            or connection.get_transaction_status() != TRANSACTION_STATUS_IDLE
         ):
             return
         self._pgpool_between_requests = True  # first: see the class docstring
@@ -494,7 +485,14 @@ class PooledWrapperMixin(_Base):
             self._pgpool_judging = ""
 
     def close_if_unusable_or_obsolete(self) -> None:
-        # Here Django closes a connection that is broken (errors_occurred and
+        # Django calls this at request_started and at request_finished
+        # (Celery's fixup around each task too). A lease between requests
+        # here means a request starts (super() claims it back at its first
+        # look); one in use, that a request ends: the connection Django keeps
+        # goes between requests. A wrong guess costs a lock round, never
+        # safety: every use claims the lease first.
+        ending = not self._pgpool_between_requests
+        # Django closes here a connection that is broken (errors_occurred and
         # not is_usable()), whose autocommit was left changed, or that reached
         # CONN_MAX_AGE: the first two are closed, the last goes back to the pool.
         self._pgpool_judging = "obsolete"
@@ -502,6 +500,8 @@ class PooledWrapperMixin(_Base):
             super().close_if_unusable_or_obsolete()
         finally:
             self._pgpool_judging = ""
+        if ending:
+            self._pgpool_end_of_request()
 
     def _discard_on_close(self) -> bool:
         """Return True if the connection being closed must not be lent again."""
