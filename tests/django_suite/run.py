@@ -52,7 +52,28 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.pgserver import PgServerError, ServerInfo, ensure_server  # noqa: E402
 
-DEFAULT_APPS = ("backends", "transactions", "transaction_hooks", "select_for_update", "basic")
+DEFAULT_APPS = (
+    "backends",
+    "transactions",
+    "transaction_hooks",
+    "select_for_update",
+    "basic",
+    # Beyond the five: live servers (threads sharing a connection), time
+    # zones, request handlers, test utilities, several databases, and the
+    # ORM, migration and schema apps most projects lean on.
+    "servers",
+    "queries",
+    "expressions",
+    "timezones",
+    "handlers",
+    "db_utils",
+    "test_utils",
+    "model_fields",
+    "migrations",
+    "schema",
+    "introspection",
+    "multiple_database",
+)
 ENGINES = {
     "pgpool": "django_pgpool",
     "stock": "django.db.backends.postgresql",
