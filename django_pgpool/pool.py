@@ -28,10 +28,21 @@ Invariants (checked by ``check_invariants()``, after every step in the tests):
 1. ``len(_idle) + len(_used) + len(_reserved) <= maxconn``;
 2. nothing is both idle and lent, no connection is lent twice or idle twice;
 3. every lent connection carries its loan number (``conn.loan``), every idle
-   one none (0); no number is both a loan and a reservation;
+   one none (0) and no lease state; no number is both a loan and a
+   reservation; a revoked lease is never revocable again;
 4. every queued waiter is unserved and its number holds nothing else;
 5. when nothing is in progress: no reservation and no round trip is left,
    and nobody waits while a connection is idle or a slot is free.
+
+Leases
+------
+A loan whose holder keeps it across requests (Django's ``CONN_MAX_AGE``) is
+a *lease*. Between requests its holder promises not to touch it without
+``lease_claim()`` first (``lease_idle()`` sets ``conn.revocable_since``); a
+borrower that would otherwise queue revokes the one idle longest
+(``conn.revoked_at``: its holder's claim fails from then on) and returns it
+with its loan number, which resets it and hands it to the longest waiter.
+Both fields are written under the lock.
 
 Lock discipline
 ---------------
