@@ -117,7 +117,13 @@ from .stats import (
     PoolStats,
 )
 
-__all__ = ["STATS_KEYS", "WAIT_BUCKETS", "ConnectionPool", "InvariantError"]
+__all__ = [
+    "STATS_KEYS",
+    "WAIT_BUCKETS",
+    "ConnectionPool",
+    "InvariantError",
+    "PersistentConnectionPool",
+]
 
 logger = logging.getLogger("django_pgpool")
 
@@ -1993,3 +1999,54 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
             return conn
 
         self.__dict__.update(getconn=getconn, putconn=putconn, _connect=connect)
+
+
+class _ThreadKey:
+    """The key of one thread's connection in a PersistentConnectionPool."""
+
+    __slots__ = ()
+
+
+class PersistentConnectionPool(ConnectionPool):
+    """One connection per thread, for code written for psycopg2's former
+    ``PersistentConnectionPool`` (removed from psycopg2 2.9): ``getconn()``
+    returns the calling thread's connection until ``putconn()`` gives it back.
+
+    psycopg2 keyed it by thread id, and ids are reused: a new thread got a
+    dead thread's connection, maybe mid-transaction. Here the key is a token
+    kept in a ``threading.local``, which dies with its thread: a new thread
+    never finds an old one's connection, and the pool takes back the
+    connection of a thread that exited holding it (dead-thread reclaim).
+    The rest is ConnectionPool's (waiting, checks, the reset at return).
+    """
+
+    def __init__(self, minconn: int, maxconn: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(minconn, maxconn, *args, **kwargs)
+        # Each thread reads and writes only its own attribute: no lock.
+        self._thread_keys = threading.local()
+
+    def _thread_key(self) -> _ThreadKey:
+        key: _ThreadKey | None = getattr(self._thread_keys, "key", None)
+        if key is None:
+            key = self._thread_keys.key = _ThreadKey()
+        return key
+
+    def getconn(self, key: Hashable | None = None) -> PooledConnection:
+        """Return this thread's connection, borrowing one if it has none (or ``key``'s)."""
+        return super().getconn(self._thread_key() if key is None else key)
+
+    def putconn(
+        self,
+        conn: ext.connection | None = None,
+        key: Hashable | None = None,
+        close: bool = False,
+        *,
+        loan: int | None = None,
+    ) -> None:
+        """Give back this thread's connection (or ``conn``); psycopg2's signature."""
+        if conn is None:
+            key = self._thread_key() if key is None else key
+            conn = self._keys.get(key)  # a dict read is atomic
+            if conn is None:
+                raise PoolError(f"this thread holds no connection of {self.name} to put back")
+        super().putconn(conn, key, close, loan=loan)

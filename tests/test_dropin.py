@@ -18,7 +18,7 @@ import psycopg2.pool
 import pytest
 
 from django_pgpool.errors import PoolClosed, PoolTimeout
-from django_pgpool.pool import ConnectionPool
+from django_pgpool.pool import ConnectionPool, PersistentConnectionPool
 from django_pgpool.session import PooledConnection
 from tests.conftest import backend_pid
 from tests.pgserver import ServerInfo
@@ -150,6 +150,74 @@ def test_a_key_whose_borrower_thread_died_gets_a_fresh_connection(make_pool: Mak
     finally:
         if not conn.closed:
             pool.putconn(conn, "worker")
+
+
+# -- PersistentConnectionPool: one connection per thread --------------------
+
+
+def test_persistent_pool_gives_each_thread_its_own_connection_until_put_back(
+    server: ServerInfo, pools: list[ConnectionPool]
+) -> None:
+    pool = PersistentConnectionPool(0, 3, dsn_of(server))
+    pools.append(pool)
+    conn = pool.getconn()
+    assert pool.getconn() is conn  # the same, as often as this thread asks
+    others: list[Any] = []
+
+    def other_thread() -> None:
+        other = pool.getconn()
+        others.append(other)
+        pool.putconn()  # psycopg2's signature: no argument, this thread's
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert others and others[0] is not conn
+    pool.putconn()
+    stats = quiet(pool)
+    assert (stats["pool_in_use"], stats["pool_available"]) == (0, 2)
+    again = pool.getconn()  # put back: this thread borrows afresh
+    pool.putconn(again)  # a connection given explicitly, as psycopg2 allows
+    assert quiet(pool)["pool_in_use"] == 0
+
+
+def test_persistent_pool_never_gives_a_new_thread_a_dead_threads_connection(
+    server: ServerInfo, pools: list[ConnectionPool]
+) -> None:
+    # psycopg2's PersistentConnectionPool keyed by thread id: a thread started
+    # after one that exited holding its connection often has the same id, and
+    # got that connection, maybe mid-transaction.
+    pool = PersistentConnectionPool(0, 2, dsn_of(server))
+    pools.append(pool)
+    seen: list[tuple[int, Any]] = []
+
+    def work(leave_open: bool) -> None:
+        conn = pool.getconn()
+        seen.append((threading.get_ident(), conn))
+        if leave_open:
+            conn.cursor().execute("BEGIN; CREATE TEMP TABLE left_behind (n int)")
+        else:
+            pool.putconn()
+
+    for leave_open in (True, False):
+        thread = threading.Thread(target=work, args=(leave_open,))
+        thread.start()
+        thread.join()
+    (_, dead_threads), (_, new_threads) = seen
+    assert new_threads is not dead_threads
+    pool.maintain()  # takes back the exited thread's connection
+    stats = quiet(pool)
+    assert (stats["pool_in_use"], stats["connections_reclaimed"]) == (0, 1)
+    assert dead_threads.closed
+
+
+def test_persistent_pool_putconn_with_nothing_borrowed_raises_pool_error(
+    server: ServerInfo, pools: list[ConnectionPool]
+) -> None:
+    pool = PersistentConnectionPool(0, 1, dsn_of(server))
+    pools.append(pool)
+    with pytest.raises(psycopg2.pool.PoolError, match="holds no connection"):
+        pool.putconn()
 
 
 def test_putconn_close_true_closes_the_connection_and_frees_its_slot(make_pool: MakePool) -> None:
