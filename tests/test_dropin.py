@@ -599,6 +599,20 @@ def test_pool_for_returns_the_pool_the_engine_borrows_from() -> None:
     assert django_pgpool.pool_for("other") is not django_pgpool.pool_for("default")
 
 
+def test_pool_for_an_alias_without_a_pool_says_which_engine_to_use(
+    add_alias: Callable[..., str],
+) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    import django_pgpool
+
+    alias = add_alias("stock", ENGINE="django.db.backends.postgresql")
+    with pytest.raises(
+        ImproperlyConfigured, match=r"DATABASES\['stock'\]\['ENGINE'\].*'django_pgpool'"
+    ):
+        django_pgpool.pool_for(alias)
+
+
 @pytest.mark.django_db(transaction=True, databases=["default"])
 def test_a_pool_created_by_pool_for_is_the_one_the_engine_then_uses() -> None:
     from django.db import connection

@@ -138,6 +138,42 @@ def test_a_wrapper_of_another_parent_thread_is_closed_too(recording: RecordingWr
     assert seen == {"closes": 1, "gone": None}
 
 
+def test_a_revoked_lease_is_let_go_through_close(recording: RecordingWrapper) -> None:
+    """CONN_MAX_AGE=None, maxconn 1: another thread's borrow revokes the lease
+    between requests; the owner's next request finds out and runs close()."""
+    settings_dict = {
+        **recording.settings_dict,
+        "CONN_MAX_AGE": None,
+        "OPTIONS": {**recording.settings_dict["OPTIONS"], "minconn": 0, "maxconn": 1},
+    }
+    owner = RecordingWrapper(settings_dict, alias="recording")
+    try:
+        owner_pid = pid_of(owner)
+        owner.session_note = "SET on the leased session"
+        owner.close_if_unusable_or_obsolete()  # a request ends: the lease goes idle
+        assert owner.closes == 0
+
+        def borrow() -> int:
+            other = RecordingWrapper(settings_dict, alias="recording")
+            try:
+                return pid_of(other)  # maxconn 1: only by revoking the lease
+            finally:
+                other.close()
+
+        pids: list[int] = []
+        thread = threading.Thread(target=lambda: pids.append(borrow()))
+        thread.start()
+        thread.join(30)
+        assert pids == [owner_pid]
+        owner.close_if_unusable_or_obsolete()  # the next request starts
+        assert owner.closes == 1, "the subclass's close() didn't run for the revoked lease"
+        assert owner.session_note is None
+        assert pid_of(owner) == owner_pid  # borrowed again: the same, now idle, session
+    finally:
+        owner.close()
+        registry.close_pools(alias="recording")
+
+
 def test_a_child_forked_inside_atomic_cannot_go_on_with_the_parents_transaction() -> None:
     """As after any close() inside atomic(): refused until the block ends, then a fresh session."""
     read_end, write_end = os.pipe()
