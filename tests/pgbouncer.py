@@ -475,7 +475,7 @@ def _fixture_bouncer(server: ServerInfo, pool_mode: str) -> Iterator[ThrowawayPg
     try:
         bouncer = ThrowawayPgBouncer(server, pool_mode)
     except PgBouncerUnavailable as exc:
-        pytest.skip(str(exc))
+        apt.unavailable(str(exc))
     with bouncer:
         yield bouncer
 
