@@ -104,7 +104,8 @@ def dbcheck(request):
 def run(
     args: Sequence[str | Path], env: Mapping[str, str], cwd: Path, what: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command to its end; skip if it failed for want of the package index, else
+    """Run a command to its end; skip (fail under CI) if it failed for want of the package
+    index, else
     assert it exited 0."""
     proc = subprocess.run(
         [str(arg) for arg in args],
@@ -299,6 +300,32 @@ class Project:
     def manage(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run ``manage.py *args`` in the fresh environment; assert it exits 0."""
         return run([self.python, "manage.py", *args], self.env, self.root, f"manage.py {args}")
+
+
+def test_the_declared_setuptools_floor_builds_without_build_isolation(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``license = "MIT"`` (a license expression) needs setuptools 77: a floor below it
+    let ``pip wheel --no-build-isolation`` fail on a machine with an older one."""
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    floor = re.search(r'requires = \["setuptools>=(\d+)"\]', pyproject)
+    assert floor, "pyproject.toml's build requires no longer reads setuptools>=N"
+    top = tmp_path_factory.mktemp("floor")
+    source = top / "django-pgpool"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    run([sys.executable, "-m", "venv", top / "venv"], env, top, "creating a virtual environment")
+    python = top / "venv" / "bin" / "python"
+    oldest = f"setuptools=={floor[1]}.*"  # the oldest release the floor admits
+    run([python, "-m", "pip", "install", "--quiet", oldest], env, top, f"installing {oldest}")
+    build = [python, "-m", "pip", "wheel", "--quiet", "--no-build-isolation", "--no-deps"]
+    run([*build, "--wheel-dir", top / "out", source], env, top, f"building with {oldest}")
+    (wheel,) = (top / "out").glob("django_pgpool-*.whl")
+    with zipfile.ZipFile(wheel) as built:
+        (metadata_name,) = [n for n in built.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = Parser().parsestr(built.read(metadata_name).decode())
+    assert metadata["License-Expression"] == "MIT"
 
 
 def pinned(distribution: str) -> str:
