@@ -104,9 +104,8 @@ def dbcheck(request):
 def run(
     args: Sequence[str | Path], env: Mapping[str, str], cwd: Path, what: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command to its end; skip (fail under CI) if it failed for want of the package
-    index, else
-    assert it exited 0."""
+    """Run a command to its end; skip (fail under CI) if it failed for want of the
+    package index, else assert it exited 0."""
     proc = subprocess.run(
         [str(arg) for arg in args],
         cwd=cwd,
