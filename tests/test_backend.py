@@ -394,12 +394,17 @@ print("queried")
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["-c", MAIN_THREAD_QUERIES], ["-m", "django", "shell", "-c", MAIN_THREAD_QUERIES]],
-    ids=["script", "manage.py shell"],
+    ("args", "done"),
+    [
+        (["-c", MAIN_THREAD_QUERIES], "queried"),
+        (["-m", "django", "shell", "-c", MAIN_THREAD_QUERIES], "queried"),
+        # Reads django_migrations (writes nothing): a management command's queries.
+        (["-m", "django", "migrate", "--plan"], "Planned operations:"),
+    ],
+    ids=["script", "manage.py shell", "manage.py migrate"],
 )
 def test_the_missing_app_warning_fires_once_in_a_process_that_queries_from_its_main_thread(
-    args: list[str],
+    args: list[str], done: str
 ) -> None:
     environ = {
         **os.environ,
@@ -407,7 +412,7 @@ def test_the_missing_app_warning_fires_once_in_a_process_that_queries_from_its_m
         "PGPOOL_TEST_WITHOUT_APP": "1",
     }
     proc = run_python(args, environ, timeout=60)
-    assert "queried" in proc.stdout
+    assert done in proc.stdout, proc.stdout + proc.stderr
     assert proc.stderr.count(wrapper.NOT_INSTALLED_MESSAGE) == 1, proc.stderr
 
 
