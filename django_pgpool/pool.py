@@ -384,19 +384,41 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     """A thread-safe, fork-safe pool with waiting, health checks and session reset.
 
     ``ConnectionPool(minconn, maxconn, *args, **kwargs)`` like psycopg2's pool:
-    ``args`` and ``kwargs`` go to ``psycopg2.connect()``. The pool's own knobs
-    are keyword-only. Connections are opened lazily, never in ``__init__``.
-    ``credentials``, if given, is called before every new connection and
-    returns connect parameters that override ``kwargs`` for it (a password
-    that rotates). ``session_settings`` are settings (``{"TimeZone": "UTC"}``)
-    every session gets when it is opened: in libpq's ``options`` (no round
-    trip; ``RESET`` then goes back to them), or with ``settings_by_set`` (or
-    once a pooler refused ``options``) with ``SET`` right after connecting
-    (one round trip per new connection; ``RESET`` goes back to the server's
-    defaults, as with Django's own backend), replayed after each
-    ``DISCARD ALL`` in the same round trip. ``check``, if given, is the health
-    check (instead of ``SELECT 1``): called with the connection, it raises to
-    reject it.
+    ``args`` and ``kwargs`` go to ``psycopg2.connect()`` (a DSN, libpq
+    keywords, ``connection_factory``, ``cursor_factory``). Connections are
+    opened lazily, never in ``__init__``. The pool's own knobs are
+    keyword-only (docs/configuration.md gives the ENGINE's OPTIONS for each):
+
+    - ``name``: names the pool in log records, errors, ``poolstatus`` and the
+      metrics (``db.client.connection.pool.name`` for OpenTelemetry).
+    - ``timeout``: seconds ``getconn()`` waits before ``PoolTimeout``;
+      ``max_waiting``: borrowers allowed in line (0: no limit), beyond which
+      ``TooManyRequests`` is raised at once.
+    - ``failover_timeout``: how long a borrow keeps retrying a connect that
+      found no usable host (refused, or no writable one yet), within
+      ``timeout``.
+    - ``max_lifetime``, ``max_idle``: seconds after which a connection is
+      replaced, and an idle one beyond ``minconn`` closed.
+    - ``check_after``: a connection idle longer than this is checked before
+      it is lent (``SELECT 1``, or ``check``: called with the connection, it
+      raises to reject it).
+    - ``reset``: ``"auto"`` resets the session at return only when it was
+      changed (``DISCARD ALL``), ``"always"`` at every return.
+    - ``leak_timeout``: seconds a connection may be held before a warning
+      with the borrower's stack (None: off).
+    - ``configure``: called with each new connection once, after it is
+      opened (the ENGINE's set-up, a ``LoggingConnection``'s
+      ``initialize()``).
+    - ``credentials``: called before every new connection; returns connect
+      parameters that override ``kwargs`` for it (a password that rotates;
+      never cached or logged).
+    - ``session_settings``: settings (``{"TimeZone": "UTC"}``) every session
+      gets when it is opened: in libpq's ``options`` (no round trip;
+      ``RESET`` then goes back to them), or with ``settings_by_set`` (or once
+      a pooler refused ``options``) with ``SET`` right after connecting (one
+      round trip per new connection; ``RESET`` goes back to the server's
+      defaults, as with Django's own backend), replayed after each
+      ``DISCARD ALL`` in the same round trip.
     """
 
     def __init__(
@@ -1041,8 +1063,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         If an exception interrupts it (a signal handler's), the connection is
         closed and its slot freed before the exception goes on, unless it came
         before putconn() did anything: then the connection is still lent, and
-        the next maintenance round takes it back once nobody holds it (see
-        ``_reclaim_orphans()``).
+        the next maintenance round takes it back once nobody holds it (as it
+        does the connection of a thread that exited holding it).
         """
         if not isinstance(conn, PooledConnection):
             raise PoolError(

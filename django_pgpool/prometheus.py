@@ -1,6 +1,6 @@
 """Prometheus metrics for the pools, named in HikariCP's style (needs prometheus_client).
 
-Register once, e.g. in a ``ready()`` or your metrics view module::
+Register once, e.g. in a ``ready()`` or your metrics view module:
 
     from django_pgpool.prometheus import register
     register()

@@ -215,32 +215,39 @@ else:
 
 
 class PooledWrapperMixin(_Base):
-    """Pooling for a DatabaseWrapper derived from Django's postgresql one (list it first).
+    """Pooling for any DatabaseWrapper derived from Django's postgresql one.
 
-    Leases (``CONN_MAX_AGE`` other than 0)
-    --------------------------------------
-    Django then keeps the connection across requests; it stays the pool's
-    loan. At the end of each request (Django's ``close_old_connections()`` at
-    ``request_finished``), outside a transaction and ``atomic()``, the
-    wrapper tells the pool it is between requests (``lease_idle()``), and
-    the pool may revoke the loan for a borrower that would otherwise wait.
-    Every use of the connection goes through the ``connection`` property,
-    which first claims the lease back (``lease_claim()``, one lock round per
-    request): revoked, the wrapper
-    forgets the connection without touching it, runs ``close()`` with
-    nothing to close (so that a subclass's own close logic runs), and the
-    next query borrows again. Threads that see no request signals (Celery,
-    commands) keep their lease for good, as with Django's persistent
-    connections.
+    List it before the wrapper it pools (at run time its base is ``object``):
 
-    ``_pgpool_between_requests`` is read and written only by the thread
-    using the wrapper (a thread it is shared with never marks it: see
-    ``_pgpool_end_of_request()``); the lease's state in the pool is under
-    the pool's lock. The wrapper's flag is always set before the pool is
-    told, and cleared after the pool agreed: interrupted in between, the
-    wrapper claims a lease that was never revocable (harmless), never uses
-    one the pool could revoke.
+        from django.db.backends.postgresql import base
+        from django_pgpool.wrapper import PooledWrapperMixin
+
+        class DatabaseWrapper(PooledWrapperMixin, base.DatabaseWrapper):
+            pass
+
+    That is all ``django_pgpool.base`` and ``django_pgpool.postgis.base`` are.
+    A subclass may keep state about its session and reset it in ``close()``:
+    whatever the ENGINE does to the connection (a return, a revoked lease, a
+    fork) goes through ``close()``.
+
+    With ``CONN_MAX_AGE`` other than 0 the connection is kept across requests
+    as a lease: still the pool's loan, which the pool may revoke between
+    requests (where Django runs ``close_if_unusable_or_obsolete()``: its
+    request signals, Celery's fixup around each task) for a borrower that
+    would otherwise wait. The next use finds out, runs ``close()`` and
+    borrows again. Threads that never run it (commands, scripts) keep their
+    lease for good, as with Django's persistent connections.
     """
+
+    # Lock discipline of a lease: ``_pgpool_between_requests`` is read and
+    # written only by the thread using the wrapper (a thread it is shared
+    # with never marks it: see ``_pgpool_end_of_request()``); the lease's
+    # state in the pool is under the pool's lock. The wrapper's flag is set
+    # before the pool is told, and cleared after the pool agreed:
+    # interrupted in between, the wrapper claims a lease that was never
+    # revocable (harmless), never uses one the pool could revoke. Every use
+    # goes through the ``connection`` property, which claims the lease back
+    # first (``lease_claim()``, one lock round per request).
 
     # The raw connection behind Django's ``connection`` attribute (a property here).
     _pgpool_connection: Any = None
@@ -324,6 +331,8 @@ class PooledWrapperMixin(_Base):
 
     @property
     def pooled(self) -> bool:
+        """False for Django's ``NO_DB_ALIAS`` wrappers (test-database creation), which
+        connect directly: their sessions must not outlive the command."""
         return self.alias != NO_DB_ALIAS
 
     def pool_options(self) -> PoolOptions:
