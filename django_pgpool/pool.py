@@ -30,7 +30,8 @@ Invariants (checked by ``check_invariants()``, after every step in the tests):
 3. every lent connection carries its loan number (``conn.loan``), every idle
    one none (0) and no lease state; no number is both a loan and a
    reservation; a revoked lease is never revocable again;
-4. every queued waiter is unserved and its number holds nothing else;
+4. every queued waiter is unserved, its number holds nothing else, and its
+   thread is alive (a borrow that ends, however, leaves the queue first);
 5. when nothing is in progress: no reservation and no round trip is left,
    and nobody waits while a connection is idle or a slot is free.
 
@@ -1841,6 +1842,8 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         for waiter in self._waiters:
             if waiter.served or waiter.token in self._used or waiter.token in self._reserved:
                 problems.append("a queued waiter holds something already")
+            if not waiter.thread.is_alive():
+                problems.append("a queued waiter's thread has exited")
         if quiescent:
             if self._deadlines:
                 problems.append(f"{len(self._deadlines)} round trip(s) under way")
