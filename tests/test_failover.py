@@ -7,19 +7,34 @@ writer flip does it, then the replica promoted, or (b) crashed, then the
 replica promoted. An error with SQLSTATE 25006, 57P0x or class 08 retires
 every connection opened before it; a borrow that finds no writable host yet
 keeps trying for ``failover_timeout``.
+
+The rule is also checked where the error comes from: a server connection lost
+at ``commit()``, ``rollback()`` or a COPY (the development server; the backend
+ended by ``pg_terminate_backend()``).
+
+What psycopg2 reports for a server that ends a session: libpq (14 and later)
+folds the FATAL message it read (57P01) into its "server closed the
+connection unexpectedly" error, which carries no SQLSTATE; the crash of
+another backend (57P02) is only ever sent as a WARNING, which reaches the
+client as a notice if a query is running. Both reach the pool as a closed
+connection (``pgcode`` None), which the rule counts as class 08.
 """
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import psycopg2
+import pytest
 
 from django_pgpool.pool import ConnectionPool
-from tests.replication import (  # the fixture registers under its name without _fixture
+from tests.conftest import MakePool, backend_pid
+from tests.helpers import wait_for
+from tests.replication import (  # the fixtures register under their names without _fixture
     ReplicaPair,
     sync_replica_pair_fixture,  # noqa: F401
 )
@@ -199,3 +214,71 @@ def test_a_check_rejects_an_idle_connection_that_fails_it(sync_replica_pair: Rep
         assert pool.get_stats()["connections_num"] == 1
     finally:
         pool.closeall()
+
+
+# -- where the error comes from ------------------------------------------------
+
+
+def terminate(admin: Any, pid: int) -> None:
+    """End a backend with pg_terminate_backend() (FATAL 57P01) and wait until it is gone."""
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    def gone() -> bool:
+        with admin.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
+            count: int = cur.fetchone()[0]
+        return count == 0
+
+    wait_for(gone, what=f"backend {pid} gone")
+
+
+def leave_a_with_block(conn: Any) -> None:
+    with conn:  # psycopg2 calls conn.commit() by name at the end
+        pass
+
+
+# What a borrower does next on a connection whose backend was terminated in
+# the middle of its transaction: none of these goes through cursor.execute().
+LOST_AT: dict[str, Callable[[Any], object]] = {
+    "commit": lambda conn: conn.commit(),
+    "rollback": lambda conn: conn.rollback(),
+    "with block": leave_a_with_block,
+    "copy_expert": lambda conn: conn.cursor().copy_expert(
+        "COPY (SELECT 1) TO STDOUT", io.StringIO()
+    ),
+    "copy_to": lambda conn: conn.cursor().copy_to(io.StringIO(), "pg_namespace"),
+}
+
+
+@pytest.mark.parametrize("call", sorted(LOST_AT))
+def test_a_connection_lost_at_commit_retires_every_connection_opened_before_it(
+    call: str, make_pool: MakePool, admin: Any
+) -> None:
+    # check_after: the idle ones are not checked at their borrow, so only the
+    # rule keeps an older connection from being lent again.
+    pool = make_pool(0, 3, check_after=60)
+    older = pool.getconn()
+    conn = pool.getconn()
+    older_pid, pid = backend_pid(older), backend_pid(conn)  # both in a transaction now
+    terminate(admin, pid)
+    with pytest.raises(psycopg2.OperationalError) as caught:
+        LOST_AT[call](conn)
+    # libpq read the FATAL (57P01) but reports "server closed the connection
+    # unexpectedly", without a SQLSTATE: the rule's class 08 case.
+    assert caught.value.pgcode is None
+    assert conn.closed == 2
+    pool.putconn(conn)
+    older.rollback()
+    pool.putconn(older)
+
+    assert older.closed, "a connection opened before the error was kept"
+    fresh = pool.getconn()
+    try:
+        assert fresh is not older
+        assert backend_pid(fresh) not in (pid, older_pid)
+    finally:
+        pool.putconn(fresh)
+    stats = pool.get_stats()
+    assert stats.get("connections_expired") == 2, stats  # the one that failed, and the older one
+    assert stats["pool_size"] == 1
