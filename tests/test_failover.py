@@ -10,7 +10,9 @@ keeps trying for ``failover_timeout``.
 
 The rule is also checked where the error comes from: a server connection lost
 at ``commit()``, ``rollback()`` or a COPY (the development server; the backend
-ended by ``pg_terminate_backend()``).
+ended by ``pg_terminate_backend()``), the crash of another backend (a
+throwaway cluster: the postmaster ends every backend, then recovers), and the
+ENGINE given the replica first in ``HOST`` (Django on the pair).
 
 What psycopg2 reports for a server that ends a session: libpq (14 and later)
 folds the FATAL message it read (57P01) into its "server closed the
@@ -23,6 +25,9 @@ connection (``pgcode`` None), which the rule counts as class 08.
 from __future__ import annotations
 
 import io
+import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -30,14 +35,18 @@ from typing import Any
 
 import psycopg2
 import pytest
+from django.db import connections
 
 from django_pgpool.pool import ConnectionPool
-from tests.conftest import MakePool, backend_pid
+from tests.conftest import CONNECT_TIMEOUT, MakePool, backend_pid
 from tests.helpers import wait_for
+from tests.pgserver import ThrowawayServer
 from tests.replication import (  # the fixtures register under their names without _fixture
     ReplicaPair,
+    replica_pair_fixture,  # noqa: F401
     sync_replica_pair_fixture,  # noqa: F401
 )
+from tests.testapp.models import Item
 
 THREADS = 8
 MAXCONN = 4
@@ -282,3 +291,138 @@ def test_a_connection_lost_at_commit_retires_every_connection_opened_before_it(
     stats = pool.get_stats()
     assert stats.get("connections_expired") == 2, stats  # the one that failed, and the older one
     assert stats["pool_size"] == 1
+
+
+def test_the_crash_of_another_backend_retires_the_pool_and_a_borrow_rides_through_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="django_pgpool")
+    # Its own cluster: a crash restarts every backend of the server.
+    with ThrowawayServer() as server:
+        kwargs = server.info.connect_kwargs()
+        pool = ConnectionPool(
+            0,
+            3,
+            timeout=10,
+            failover_timeout=10,
+            check_after=60,
+            connect_timeout=CONNECT_TIMEOUT,
+            **kwargs,
+        )
+        victim = psycopg2.connect(**kwargs)
+        victim.autocommit = True
+        try:
+            older = pool.getconn()
+            conn = pool.getconn()
+            older_pid, pid = backend_pid(older), backend_pid(conn)
+            older.rollback()
+            pool.putconn(older)  # idle, not checked at its next borrow (check_after)
+            conn.rollback()
+            errors: list[BaseException] = []
+
+            def in_flight() -> None:
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT pg_sleep(20)")
+                except BaseException as exc:
+                    errors.append(exc)
+
+            query = threading.Thread(target=in_flight)
+            query.start()
+
+            def sleeping() -> bool:
+                with victim.cursor() as cur:
+                    cur.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", [pid])
+                    row = cur.fetchone()
+                return row is not None and row[0] == "PgSleep"
+
+            wait_for(sleeping, what="the pooled connection's query running")
+            os.kill(victim.get_backend_pid(), signal.SIGKILL)  # the crash of a backend
+            query.join(15)
+            assert not query.is_alive()
+            crashed = time.monotonic()
+            # The postmaster ended the others with a WARNING 57P02 (a notice,
+            # read because a query was running), then closed the connection.
+            assert len(errors) == 1 and isinstance(errors[0], psycopg2.OperationalError)
+            assert errors[0].pgcode is None and conn.closed == 2
+            assert any("crash of another server process" in n for n in conn.notices), conn.notices
+            pool.putconn(conn)
+
+            fresh = pool.getconn()  # during crash recovery: refused (57P03), tried again
+            recovered = time.monotonic() - crashed
+            try:
+                assert fresh is not older and older.closed
+                assert backend_pid(fresh) not in (pid, older_pid)
+            finally:
+                pool.putconn(fresh)
+            retired = [r for r in caplog.records if "no longer the one to use" in r.getMessage()]
+            assert [r.levelno for r in retired] == [logging.WARNING]
+            retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+            print(
+                f"\nbackend crash: a borrow {recovered:.3f} s after the error succeeded, "
+                f"after {len(retries)} refused connects ({retries[:1]})"
+            )
+            # The one that failed, and the older one.
+            assert pool.get_stats().get("connections_expired") == 2
+        finally:
+            pool.closeall()
+            victim.close()
+
+
+# The Django-level test's OPTIONS['check']: the ports of the servers it passed.
+WRITER_CHECKS: list[int] = []
+
+
+def writer_only(conn: Any) -> None:
+    """OPTIONS['check'] of the ENGINE test: reject a server in recovery, note the port."""
+    not_in_recovery(conn)
+    WRITER_CHECKS.append(int(conn.info.port))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_engine_given_the_replica_first_reads_and_writes_on_the_primary(
+    replica_pair: ReplicaPair, add_alias: Callable[..., str]
+) -> None:
+    primary, replica = replica_pair.primary_info, replica_pair.replica_info
+    WRITER_CHECKS.clear()
+    alias = add_alias(
+        "failover_writer",
+        ENGINE="django_pgpool",
+        NAME=primary.dbname,
+        USER=primary.user,
+        PASSWORD=primary.password,
+        HOST=f"{replica.host},{primary.host}",
+        PORT=f"{replica.port},{primary.port}",
+        CONN_MAX_AGE=0,
+        OPTIONS={
+            "minconn": 0,
+            "maxconn": 2,
+            "timeout": 5,
+            "check_after": 0,  # every borrow of an idle connection runs the check
+            "target_session_attrs": "read-write",
+            "connect_timeout": CONNECT_TIMEOUT,
+            "check": f"{__name__}.writer_only",
+        },
+    )
+    wrapper = connections[alias]
+    with wrapper.schema_editor() as editor:
+        editor.create_model(Item)
+    wrapper.close()  # back to the pool: each block below is a request of its own
+    Item.objects.using(alias).create(name="written")
+    wrapper.close()
+    for _ in range(2):
+        with wrapper.cursor() as cur:
+            cur.execute("SELECT pg_is_in_recovery(), inet_server_port()")
+            assert cur.fetchone() == (False, primary.port)
+        wrapper.close()
+    assert list(Item.objects.using(alias).values_list("name", flat=True)) == ["written"]
+    wrapper.close()
+
+    direct = replica_pair.connect(primary)
+    try:
+        with direct.cursor() as cur:
+            cur.execute("SELECT name FROM testapp_item")
+            assert cur.fetchall() == [("written",)]
+    finally:
+        direct.close()
+    assert WRITER_CHECKS and set(WRITER_CHECKS) == {primary.port}
