@@ -2,29 +2,39 @@
 
 On a cluster of the tests' own that demands a SCRAM password (``password_server``),
 a role's password is read from a file by the credentials callable, and
-rotated (``ALTER ROLE`` and the file) while borrowers keep going.
+rotated (``ALTER ROLE`` and the file) while borrowers keep going: on a bare
+ConnectionPool, then through the ENGINE (an alias of DATABASES whose
+requests read and write from several threads) with ``close_pools()`` and
+``manage.py poolclose`` run as another process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 import pytest
 from django.conf import settings
+from django.core import signals
 from django.core.checks import Error
-from django.db import OperationalError, connections
+from django.db import OperationalError, connections, transaction
 
-from django_pgpool import checks, registry
+from django_pgpool import base, checks, close_pools, registry, status
+from django_pgpool.identity import HOSTNAME
 from django_pgpool.pool import ConnectionPool
-from tests.helpers import PoolLoad, wait_for
+from tests.helpers import PoolLoad, run_python, wait_for
 from tests.pgserver import ServerInfo
+from tests.settings import SERVER
 
 ROLE = "pgpool_rotating"
 APP = "pgpool-rotating"
@@ -212,3 +222,348 @@ def test_a_bad_callable_setting_fails_the_system_check(
     assert [e.id for e in errors] == ["django_pgpool.E005"]
     assert isinstance(errors[0], Error)
     assert f"['{key}']" in errors[0].msg and why in errors[0].msg
+
+
+# -- a rotation through the ENGINE: close_pools(), then manage.py poolclose --------------
+
+ALIAS = "rotating"
+PASSWORD_FILE = "PGPOOL_TEST_PASSWORD_FILE"  # names the file, here and in the commands' runs
+ALIAS_SETTINGS = "PGPOOL_TEST_ROTATING_DATABASE"  # the alias, as JSON, for the commands' runs
+COMMAND_SETTINGS = f'''\
+"""The commands' settings: the suite's script settings and the test's '{ALIAS}' alias."""
+
+import json
+import os
+
+from tests.script_settings import *  # noqa: F403
+from tests.script_settings import DATABASES
+
+DATABASES = {{**DATABASES, "{ALIAS}": json.loads(os.environ["{ALIAS_SETTINGS}"])}}
+'''
+
+
+def password_from_file() -> dict[str, str]:
+    """The alias's OPTIONS['credentials']: the password in the file the environment names."""
+    return {"password": Path(os.environ[PASSWORD_FILE]).read_text().strip()}
+
+
+class Requests:
+    """Threads serving requests on ALIAS until stopped: each, between Django's request
+    signals, INSERTs a row in a transaction, then SELECTs; ``written`` keeps the
+    acknowledged ids, ``errors`` every failure. A watcher keeps every pool the registry
+    has held for the alias, and the most it held at once.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.written: list[int] = []
+        self.errors: list[BaseException] = []
+        self.pools: list[ConnectionPool] = []
+        self.most_pools = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._serve) for _ in range(threads)]
+        self._threads.append(threading.Thread(target=self._watch))
+
+    @property
+    def done(self) -> int:
+        return len(self.written)
+
+    def _request(self) -> int:
+        with transaction.atomic(using=ALIAS), connections[ALIAS].cursor() as cur:
+            cur.execute("INSERT INTO rotating_writes DEFAULT VALUES RETURNING id")
+            (row_id,) = cur.fetchone()
+        with connections[ALIAS].cursor() as cur:
+            cur.execute("SELECT count(*) FROM rotating_writes")
+        return int(row_id)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            signals.request_started.send(sender=base.DatabaseWrapper, environ={})
+            try:
+                row_id = self._request()
+            except BaseException as exc:
+                with self._lock:
+                    self.errors.append(exc)
+            else:
+                with self._lock:
+                    self.written.append(row_id)
+            finally:
+                signals.request_finished.send(sender=base.DatabaseWrapper)
+        connections[ALIAS].close()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            held = [entry.pool for entry in registry.entries(ALIAS)]
+            self.most_pools = max(self.most_pools, len(held))
+            self.pools.extend(p for p in held if not any(p is q for q in self.pools))
+            time.sleep(0.002)
+
+    def wait_for_more(self, count: int = 20) -> None:
+        target = self.done + count
+        wait_for(lambda: self.done >= target or self.errors, what=f"{count} more requests")
+
+    def __enter__(self) -> Requests:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+@dataclass(frozen=True)
+class RotatingAlias:
+    """The test's alias: its settings, and what a command run needs to reach it."""
+
+    settings: dict[str, Any]  # as DATABASES has it
+    environ: dict[str, str]  # of a ``python -m django`` command run
+
+
+@pytest.fixture
+def rotating_alias(
+    password_server: ServerInfo,
+    server_admin: Any,
+    store: PasswordFile,
+    monkeypatch: pytest.MonkeyPatch,
+    django_db_blocker: Any,
+) -> Iterator[RotatingAlias]:
+    """ALIAS in DATABASES, on the password server as the rotating role, whose password only
+    OPTIONS['credentials'] knows; a table it writes to. Outside Django's test cases, as a
+    server's threads use it."""
+    with server_admin.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS rotating_writes")
+        cur.execute("CREATE TABLE rotating_writes (id bigserial PRIMARY KEY)")
+        cur.execute(f"GRANT SELECT, INSERT ON rotating_writes TO {ROLE}")
+        cur.execute(f"GRANT USAGE ON SEQUENCE rotating_writes_id_seq TO {ROLE}")
+    monkeypatch.setenv(PASSWORD_FILE, str(store.path))
+    settings_dict = {
+        "ENGINE": "django_pgpool",
+        "NAME": password_server.dbname,
+        "USER": ROLE,
+        "PASSWORD": "",
+        "HOST": password_server.host,
+        "PORT": str(password_server.port),
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {
+            "minconn": 1,
+            "maxconn": 4,
+            "timeout": 5,
+            "credentials": f"{__name__}.password_from_file",
+        },
+    }
+    connections.settings[ALIAS] = {**connections["default"].settings_dict, **settings_dict}
+    try:
+        with django_db_blocker.unblock():
+            environ = command_environ(settings_dict, store.path.parent)
+            yield RotatingAlias(settings_dict, environ)
+    finally:
+        del connections.settings[ALIAS]
+        registry.close_pools(alias=ALIAS)
+        with server_admin.cursor() as cur:
+            cur.execute("DROP TABLE rotating_writes")
+
+
+def command_environ(alias_settings: dict[str, Any], directory: Path) -> dict[str, str]:
+    """The environment of a ``python -m django`` command run: the suite's script settings
+    with ALIAS, this process's status directory (so that it finds this process)."""
+    (directory / "rotating_command_settings.py").write_text(COMMAND_SETTINGS)
+    return {
+        **os.environ,
+        **SERVER.env(),
+        "DJANGO_SETTINGS_MODULE": "rotating_command_settings",
+        "PYTHONPATH": str(directory),
+        "DJANGO_PGPOOL_STATUS_DIR": str(status.status_dir()),
+        ALIAS_SETTINGS: json.dumps(alias_settings),
+    }
+
+
+def alias_session_starts(admin: Any) -> list[float]:
+    """Return when each of the server's pooled sessions of ALIAS (this process's) started."""
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT extract(epoch FROM backend_start) FROM pg_stat_activity "
+            "WHERE usename = %s AND application_name LIKE %s",
+            [ROLE, f"[pgpool {ALIAS}@%:{os.getpid()}]"],
+        )
+        return [float(row[0]) for row in cur.fetchall()]
+
+
+def only_sessions_started_after(admin: Any, moment: float) -> bool:
+    starts = alias_session_starts(admin)
+    return bool(starts) and min(starts) > moment
+
+
+def own_pools() -> list[dict[str, Any]]:
+    """Return the pools of this process's published snapshot (none before the first)."""
+    own = [s for s in status.read_snapshots() if s["pid"] == os.getpid()]
+    return list(own[0]["pools"]) if own else []
+
+
+def opens_a_session(server: ServerInfo, password: str) -> bool:
+    """Whether the role logs in with this password (a connection of its own)."""
+    try:
+        psycopg2.connect(**{**server.connect_kwargs(), "user": ROLE, "password": password}).close()
+    except psycopg2.OperationalError as exc:
+        assert "password authentication failed" in str(exc)
+        return False
+    return True
+
+
+def test_a_rotation_through_the_engine_then_close_pools_then_poolclose_fails_no_request(
+    password_server: ServerInfo,
+    server_admin: Any,
+    store: PasswordFile,
+    rotating_alias: RotatingAlias,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="django_pgpool")
+
+    def manage(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_python(["-m", "django", *args], rotating_alias.environ, check=check)
+
+    passwords = [store.path.read_text()]
+    # As many threads as connections (maxconn 4): a request waiting in line when
+    # close_pools() runs fails today (the xfail test below).
+    with Requests(threads=4) as requests:
+        requests.wait_for_more()
+        (first,) = requests.pools
+
+        # The rotation: the pool's sessions go on; a new one would need the new password.
+        passwords.append(store.rotate(server_admin))
+        assert not opens_a_session(password_server, passwords[0])
+        assert opens_a_session(password_server, passwords[1])
+        requests.wait_for_more()
+        assert [e.pool for e in registry.entries(ALIAS)] == [first]  # no second pool
+
+        # close_pools(): the next borrows open a fresh pool, whose sessions, all opened
+        # after the rotation, could only log in with the new password.
+        closed_at = time.time()
+        assert close_pools() >= 1
+        wait_for(
+            lambda: only_sessions_started_after(server_admin, closed_at),
+            what="every session of the alias opened after close_pools()",
+        )
+        requests.wait_for_more()
+        (second,) = [e.pool for e in registry.entries(ALIAS)]
+        assert second is not first
+
+        # Again, then poolclose from another process: the same pool, all new sessions.
+        passwords.append(store.rotate(server_admin))
+        assert not opens_a_session(password_server, passwords[1])
+        assert opens_a_session(password_server, passwords[2])
+        wait_for(
+            lambda: any(ALIAS in pool["aliases"] for pool in own_pools()),
+            what="this process's snapshot with the alias's pool",
+        )
+        asked_at = time.time()
+        closed = manage("poolclose", "--database", ALIAS, "--wait", "10")
+        asked, done = closed.stdout.splitlines()
+        assert asked.startswith(
+            f"Asked 1 process on host {HOSTNAME} to reconnect database '{ALIAS}' "
+            f"(pids {os.getpid()})"
+        )
+        assert done.startswith(f"Database '{ALIAS}': every process has reconnected (")
+        wait_for(
+            lambda: only_sessions_started_after(server_admin, asked_at),
+            what="every session of the alias opened after poolclose",
+        )
+        requests.wait_for_more()
+        assert [e.pool for e in registry.entries(ALIAS)] == [second]
+
+        # Not checked: poolstatus can't reach the server yet (the xfail test below);
+        # what it prints must hold no password all the same.
+        shown = [
+            manage("poolstatus", "--database", ALIAS, check=False),
+            manage("poolstatus", "--database", ALIAS, "--format", "json", check=False),
+        ]
+
+    assert not requests.errors, requests.errors[:3]
+    assert requests.most_pools == 1
+    assert len(requests.pools) == 2  # the first, and the one after close_pools()
+    assert opens_a_session(password_server, passwords[2])
+    with server_admin.cursor() as cur:
+        cur.execute("SELECT count(*) FROM rotating_writes WHERE id = ANY(%s)", [requests.written])
+        assert cur.fetchone()[0] == len(requests.written)  # no acknowledged write lost
+    texts = [closed.stdout, closed.stderr, *(p.stdout + p.stderr for p in shown)]
+    texts += [record.getMessage() for record in caplog.records]
+    assert caplog.records  # the pool logged its connections (DEBUG)
+    for password in passwords:
+        assert all(password not in text for text in texts)
+
+
+# -- what the rotation test above does not demand yet (strict: a fix turns them red) --------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=OperationalError,
+    reason="closeall() wakes the borrowers waiting in line with PoolClosed, and the wrapper "
+    "does not take them to the pool that replaces it",
+)
+def test_close_pools_sends_a_request_waiting_in_line_to_the_next_pool(
+    rotating_alias: RotatingAlias,
+) -> None:
+    # A server busier than its pool: every connection lent, one more request in line.
+    maxconn = rotating_alias.settings["OPTIONS"]["maxconn"]
+    lent = threading.Barrier(maxconn + 1)
+    give_back = threading.Event()
+    answers: list[object] = []
+
+    def hold() -> None:
+        connections[ALIAS].ensure_connection()
+        lent.wait(5)
+        give_back.wait(10)
+        connections[ALIAS].close()
+
+    def request() -> None:
+        try:
+            with connections[ALIAS].cursor() as cur:
+                cur.execute("SELECT 1")
+                answers.append(cur.fetchone()[0])
+        except BaseException as exc:
+            answers.append(exc)
+        finally:
+            connections[ALIAS].close()
+
+    holders = [threading.Thread(target=hold) for _ in range(maxconn)]
+    for thread in holders:
+        thread.start()
+    lent.wait(5)
+    waiter = threading.Thread(target=request)
+    waiter.start()
+    (entry,) = registry.entries(ALIAS)
+    wait_for(lambda: entry.pool.get_stats()["requests_waiting"] == 1, what="a request in line")
+    close_pools()
+    give_back.set()
+    for thread in [*holders, waiter]:
+        thread.join(10)
+    (answer,) = answers
+    if isinstance(answer, BaseException):
+        raise answer  # today: "connection pool database 'rotating' is closed"
+    assert answer == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the commands look at the server through Django's NO_DB_ALIAS wrapper, which "
+    "connects without OPTIONS['credentials'] (poolstatus fails, poolclose warns)",
+)
+def test_poolstatus_reaches_a_server_whose_password_only_the_credentials_know(
+    rotating_alias: RotatingAlias,
+) -> None:
+    connections[ALIAS].ensure_connection()  # a pooled session for the server's view
+    try:
+        shown = run_python(
+            ["-m", "django", "poolstatus", "--database", ALIAS, "--format", "json"],
+            rotating_alias.environ,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        connections[ALIAS].close()
+    assert shown.returncode == 0, shown.stderr
+    server = json.loads(shown.stdout)["databases"][ALIAS]["server"]
+    assert server["error"] is None and server["connections"] >= 1
