@@ -183,6 +183,28 @@ def _refs_of_a_dict_value() -> int:
 _REFS_OF_A_DICT_VALUE = _refs_of_a_dict_value()
 
 
+def fresh_credentials(
+    credentials: Callable[[], Mapping[str, Any]], purpose: str
+) -> Mapping[str, Any]:
+    """Call a credentials callable (OPTIONS['credentials']) for ``purpose``; return
+    its connect parameters. Raise PoolError naming it and the cause, never the
+    values (a password)."""
+    name = callable_name(credentials)
+    try:
+        fresh = credentials()
+    except Exception as exc:
+        raise PoolError(
+            f"couldn't get credentials for {purpose}: {name} "
+            f"(OPTIONS['credentials']) raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(fresh, Mapping):
+        raise PoolError(
+            f"{name} (OPTIONS['credentials']) returned a {type(fresh).__name__}, not a "
+            "dict of libpq connect parameters such as {'password': token}"
+        )
+    return fresh
+
+
 class InvariantError(AssertionError):
     """The pool's bookkeeping broke one of its invariants (see the module docstring)."""
 
@@ -1028,20 +1050,7 @@ class ConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     def _fresh_credentials(self) -> Mapping[str, Any]:
         """Call the credentials callable; raise PoolError naming it and the cause."""
         assert self._credentials is not None
-        name = callable_name(self._credentials)
-        try:
-            fresh = self._credentials()
-        except Exception as exc:
-            raise PoolError(
-                f"couldn't get credentials for a new connection of {self.name}: {name} "
-                f"(OPTIONS['credentials']) raised {type(exc).__name__}: {exc}"
-            ) from exc
-        if not isinstance(fresh, Mapping):
-            raise PoolError(
-                f"{name} (OPTIONS['credentials']) returned a {type(fresh).__name__}, not a "
-                "dict of libpq connect parameters such as {'password': token}"
-            )
-        return fresh
+        return fresh_credentials(self._credentials, f"a new connection of {self.name}")
 
     # -- returning -----------------------------------------------------------
 

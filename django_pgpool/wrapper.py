@@ -31,9 +31,10 @@ from django.utils.asyncio import async_unsafe
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from . import forking, registry, status
+from .errors import PoolClosed
 from .identity import application_name
 from .options import POOL_KEYS, PoolOptions, parse_options
-from .pool import ConnectionPool
+from .pool import ConnectionPool, fresh_credentials
 from .session import PooledConnection
 
 __all__ = ["PooledWrapperMixin"]
@@ -440,9 +441,44 @@ class PooledWrapperMixin(_Base):
     @async_unsafe
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         if not self.pooled:
+            # Django's own short-lived connections (test-database creation,
+            # the commands' look at the server) need the password too.
+            credentials = self.pool_options().credentials
+            if credentials is not None:
+                fresh = fresh_credentials(credentials, f"database {self.alias!r}")
+                conn_params = {**conn_params, **fresh}
             return super().get_new_connection(conn_params)
         plan = self._plan()
         isolation_level = self._isolation_level()
+        pool = self._pool_of(plan, conn_params, isolation_level)
+        connection = None
+        try:
+            try:
+                connection = pool.getconn()
+            except PoolClosed:
+                # close_pools() closed it while this borrower waited in line
+                # (or just before): the pool that replaces it serves the
+                # borrow. Once: a pool closed again at once is an error.
+                closed, pool = pool, self._pool_of(plan, conn_params, isolation_level)
+                if pool is closed:
+                    raise
+                connection = pool.getconn()
+            # Recorded before anything else can interrupt: close() returns it.
+            self._pgpool, self._pgpool_loan = pool, connection.loan
+            connection.shared = self._pgpool_sharing
+        except BaseException:
+            # Interrupted (a signal handler's exception): Django never sees
+            # this connection, so it goes back now.
+            if connection is not None:
+                self._pgpool = None
+                pool.putconn(connection, close=True, loan=connection.loan)
+            raise
+        return connection
+
+    def _pool_of(
+        self, plan: _BorrowPlan, conn_params: dict[str, Any], isolation_level: int | None
+    ) -> ConnectionPool:
+        """Return the open pool that lends for ``conn_params`` (the registry's, cached)."""
         pool = plan.pool
         if pool is None or pool.closed or conn_params != plan.params:
             pool = registry.get_pool(
@@ -455,20 +491,7 @@ class PooledWrapperMixin(_Base):
             )
             if conn_params == plan.params:
                 plan.pool = pool
-        connection = None
-        try:
-            connection = pool.getconn()
-            # Recorded before anything else can interrupt: close() returns it.
-            self._pgpool, self._pgpool_loan = pool, connection.loan
-            connection.shared = self._pgpool_sharing
-        except BaseException:
-            # Interrupted (a signal handler's exception): Django never sees
-            # this connection, so it goes back now.
-            if connection is not None:
-                self._pgpool = None
-                pool.putconn(connection, close=True, loan=connection.loan)
-            raise
-        return connection
+        return pool
 
     def _set_autocommit(self, autocommit: bool) -> None:
         # Pooled connections are already in autocommit mode at each borrow;

@@ -424,9 +424,9 @@ def test_a_rotation_through_the_engine_then_close_pools_then_poolclose_fails_no_
         return run_python(["-m", "django", *args], rotating_alias.environ, check=check)
 
     passwords = [store.path.read_text()]
-    # As many threads as connections (maxconn 4): a request waiting in line when
-    # close_pools() runs fails today (the xfail test below).
-    with Requests(threads=4) as requests:
+    # More threads than connections (maxconn 4): requests wait in line, and
+    # close_pools() sends them to the pool that replaces the closed one.
+    with Requests(threads=6) as requests:
         requests.wait_for_more()
         (first,) = requests.pools
 
@@ -472,11 +472,10 @@ def test_a_rotation_through_the_engine_then_close_pools_then_poolclose_fails_no_
         requests.wait_for_more()
         assert [e.pool for e in registry.entries(ALIAS)] == [second]
 
-        # Not checked: poolstatus can't reach the server yet (the xfail test below);
-        # what it prints must hold no password all the same.
+        # poolstatus reaches the server with the password of the credentials callable.
         shown = [
-            manage("poolstatus", "--database", ALIAS, check=False),
-            manage("poolstatus", "--database", ALIAS, "--format", "json", check=False),
+            manage("poolstatus", "--database", ALIAS),
+            manage("poolstatus", "--database", ALIAS, "--format", "json"),
         ]
 
     assert not requests.errors, requests.errors[:3]
@@ -493,15 +492,9 @@ def test_a_rotation_through_the_engine_then_close_pools_then_poolclose_fails_no_
         assert all(password not in text for text in texts)
 
 
-# -- what the rotation test above does not demand yet (strict: a fix turns them red) --------
+# -- a request waiting in line at close_pools(); the commands' own session -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OperationalError,
-    reason="closeall() wakes the borrowers waiting in line with PoolClosed, and the wrapper "
-    "does not take them to the pool that replaces it",
-)
 def test_close_pools_sends_a_request_waiting_in_line_to_the_next_pool(
     rotating_alias: RotatingAlias,
 ) -> None:
@@ -541,16 +534,10 @@ def test_close_pools_sends_a_request_waiting_in_line_to_the_next_pool(
         thread.join(10)
     (answer,) = answers
     if isinstance(answer, BaseException):
-        raise answer  # today: "connection pool database 'rotating' is closed"
+        raise answer  # before: "connection pool database 'rotating' is closed"
     assert answer == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the commands look at the server through Django's NO_DB_ALIAS wrapper, which "
-    "connects without OPTIONS['credentials'] (poolstatus fails, poolclose warns)",
-)
 def test_poolstatus_reaches_a_server_whose_password_only_the_credentials_know(
     rotating_alias: RotatingAlias,
 ) -> None:
