@@ -508,6 +508,11 @@ class PooledWrapperMixin(_Base):
         return result
 
     def close_if_health_check_failed(self) -> None:
+        # Django calls this before every cursor; with nothing to check (its
+        # own first test, without claiming a lease: the cursor will) it
+        # returns at once.
+        if not self.health_check_enabled or self.health_check_done:  # type: ignore[attr-defined]
+            return
         # Django closes the connection here only when is_usable() said it is
         # broken: then the pool must not lend it again either.
         self._pgpool_judging = "health"
