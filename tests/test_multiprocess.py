@@ -687,12 +687,14 @@ def test_poolpause_wait_times_out_naming_the_process_that_holds_a_connection(
     took = time.monotonic() - started
 
     assert proc.returncode == 1
-    assert proc.stderr == (
-        f"CommandError: after 2.0 s, these processes on host {HOSTNAME} still hold connections "
-        f"of database 'default': pid {holder.pid} (1 connection open, 1 in use). The pause "
-        "stays: the connections close when they are returned; run poolpause --wait again to "
-        "wait longer, or poolresume to lend again\n"
-    )
+    # The time it waited: 2.0 s, or a little more on a busy machine (2.1 s seen in CI).
+    assert re.fullmatch(
+        rf"CommandError: after 2\.\d s, these processes on host {re.escape(HOSTNAME)} still "
+        rf"hold connections of database 'default': pid {holder.pid} \(1 connection open, 1 in "
+        r"use\)\. The pause stays: the connections close when they are returned; run poolpause "
+        r"--wait again to wait longer, or poolresume to lend again\n",
+        proc.stderr,
+    ), proc.stderr
     assert 2.0 <= took < 10
     # Paused, its idle connection (minconn) closed, the borrowed one kept by its borrower.
     pool = published_pool(pause_project, holder.pid)
