@@ -35,8 +35,7 @@ def pool_for(alias: str = "default") -> ConnectionPool:
     from django.core.exceptions import ImproperlyConfigured
     from django.db import connections
 
-    from . import registry
-    from .wrapper import PooledWrapperMixin, _prepare_new_connection
+    from .wrapper import PooledWrapperMixin
 
     wrapper = connections[alias]
     if not isinstance(wrapper, PooledWrapperMixin) or not wrapper.pooled:
@@ -44,16 +43,8 @@ def pool_for(alias: str = "default") -> ConnectionPool:
             f"DATABASES[{alias!r}]['ENGINE'] is {wrapper.settings_dict['ENGINE']!r}, which "
             "has no pool; use 'django_pgpool' (or 'django_pgpool.postgis') to get one"
         )
-    # The registry lookup get_new_connection() makes at a borrow, with the same
+    # The lookup get_new_connection() makes at a borrow, with the same
     # arguments: the pool's key, and the set-up of each new connection if this
     # call creates the pool (Django's JSONField needs it).
     plan = wrapper._plan()
-    isolation_level = wrapper._isolation_level()
-    return registry.get_pool(
-        alias,
-        dict(plan.params),
-        plan.options,
-        configure=lambda conn: _prepare_new_connection(conn, isolation_level),
-        extra_key=(isolation_level,),
-        session_settings=plan.session_settings,
-    )
+    return wrapper._pool_of(plan, dict(plan.params), wrapper._isolation_level())
