@@ -19,7 +19,7 @@ import psycopg2
 from django.db import connections
 from psycopg2 import sql
 
-from django_pgpool import base
+from django_pgpool import base, status
 from tests.settings import SERVER
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,22 +38,43 @@ def wait_for(
     return time.monotonic() - started
 
 
-class PoolLoad:
+class Workers:
+    """Threads running until stopped; a base for the loads the tests put on a pool.
+
+    Use as a context manager: the threads start on entry, are told to stop
+    (``_stop``) and joined on exit. ``_lock`` guards what they record.
+    """
+
+    def __init__(self, threads: list[threading.Thread]) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = threads
+
+    def __enter__(self) -> Any:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def join(self, timeout: float = 30.0) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.join()
+
+
+class PoolLoad(Workers):
     """Threads borrowing, running ``SELECT 1`` and returning, until stopped or
     ``each`` times each; ``done`` counts the requests, ``errors`` keeps every failure.
-
-    Use as a context manager: the threads start on entry and are stopped and
-    joined on exit.
     """
 
     def __init__(self, pool: Any, threads: int = 4, each: int | None = None) -> None:
+        super().__init__([threading.Thread(target=self._work) for _ in range(threads)])
         self.pool = pool
         self.each = each
         self.done = 0
         self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._work) for _ in range(threads)]
 
     def _work(self) -> None:
         count = 0
@@ -71,18 +92,29 @@ class PoolLoad:
                 with self._lock:
                     self.errors.append(exc)
 
-    def __enter__(self) -> PoolLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
 
-    def join(self, timeout: float = 30.0) -> None:
-        for thread in self._threads:
-            thread.join(timeout)
+def terminate(admin: Any, pids: set[int]) -> None:
+    """End these backends with pg_terminate_backend() (FATAL 57P01) and wait until
+    they are gone.
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self.join()
+    pg_terminate_backend() only signals the backend: it returns before the
+    backend has sent its FATAL message and exited.
+    """
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s) AS pid", [sorted(pids)])
+
+    def gone() -> bool:
+        with admin.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [sorted(pids)])
+            count: int = cur.fetchone()[0]
+        return count == 0
+
+    wait_for(gone, what=f"backends {sorted(pids)} gone")
+
+
+def own_snapshot() -> dict[str, Any] | None:
+    """This process's published status snapshot (None before the first)."""
+    return next((s for s in status.read_snapshots() if s["pid"] == os.getpid()), None)
 
 
 def server_connections(admin: Any, application_name: str) -> int:

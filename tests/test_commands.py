@@ -33,7 +33,7 @@ from django_pgpool.base import DatabaseWrapper
 from django_pgpool.identity import HOSTNAME
 from django_pgpool.pool import STATS_KEYS
 from tests.conftest import backend_pid
-from tests.helpers import wait_for
+from tests.helpers import own_snapshot, wait_for
 from tests.settings import SERVER
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "commands.md"
@@ -182,10 +182,6 @@ def documented_json_examples() -> list[Any]:
 def query() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
-
-
-def own_snapshot() -> dict[str, Any] | None:
-    return next((s for s in status.read_snapshots() if s["pid"] == os.getpid()), None)
 
 
 def host_table(output: str) -> list[dict[str, str]]:

@@ -32,7 +32,7 @@ from django.db import OperationalError, connections, transaction
 from django_pgpool import base, checks, close_pools, registry, status
 from django_pgpool.identity import HOSTNAME
 from django_pgpool.pool import ConnectionPool
-from tests.helpers import PoolLoad, run_python, wait_for
+from tests.helpers import PoolLoad, Workers, own_snapshot, run_python, wait_for
 from tests.pgserver import ServerInfo
 from tests.settings import SERVER
 
@@ -247,7 +247,7 @@ def password_from_file() -> dict[str, str]:
     return {"password": Path(os.environ[PASSWORD_FILE]).read_text().strip()}
 
 
-class Requests:
+class Requests(Workers):
     """Threads serving requests on ALIAS until stopped: each, between Django's request
     signals, INSERTs a row in a transaction, then SELECTs; ``written`` keeps the
     acknowledged ids, ``errors`` every failure. A watcher keeps every pool the registry
@@ -255,14 +255,12 @@ class Requests:
     """
 
     def __init__(self, threads: int) -> None:
+        serving = [threading.Thread(target=self._serve) for _ in range(threads)]
+        super().__init__([*serving, threading.Thread(target=self._watch)])
         self.written: list[int] = []
         self.errors: list[BaseException] = []
         self.pools: list[ConnectionPool] = []
         self.most_pools = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._serve) for _ in range(threads)]
-        self._threads.append(threading.Thread(target=self._watch))
 
     @property
     def done(self) -> int:
@@ -301,16 +299,6 @@ class Requests:
     def wait_for_more(self, count: int = 20) -> None:
         target = self.done + count
         wait_for(lambda: self.done >= target or self.errors, what=f"{count} more requests")
-
-    def __enter__(self) -> Requests:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
 
 @dataclass(frozen=True)
@@ -397,8 +385,8 @@ def only_sessions_started_after(admin: Any, moment: float) -> bool:
 
 def own_pools() -> list[dict[str, Any]]:
     """Return the pools of this process's published snapshot (none before the first)."""
-    own = [s for s in status.read_snapshots() if s["pid"] == os.getpid()]
-    return list(own[0]["pools"]) if own else []
+    own = own_snapshot()
+    return list(own["pools"]) if own else []
 
 
 def opens_a_session(server: ServerInfo, password: str) -> bool:

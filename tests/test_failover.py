@@ -39,7 +39,7 @@ from django.db import connections
 
 from django_pgpool.pool import ConnectionPool
 from tests.conftest import CONNECT_TIMEOUT, MakePool, backend_pid
-from tests.helpers import wait_for
+from tests.helpers import Workers, terminate, wait_for
 from tests.pgserver import ThrowawayServer
 from tests.replication import (  # the fixtures register under their names without _fixture
     ReplicaPair,
@@ -52,17 +52,15 @@ THREADS = 8
 MAXCONN = 4
 
 
-class WriteLoad:
+class WriteLoad(Workers):
     """Eight threads inserting (thread, n) rows through the pool until stopped."""
 
     def __init__(self, pool: ConnectionPool) -> None:
+        super().__init__([threading.Thread(target=self._work, args=(i,)) for i in range(THREADS)])
         self.pool = pool
         self.acknowledged: list[tuple[int, int]] = []
         self.failures: list[tuple[float, str]] = []  # (monotonic time, error)
         self.backends_failed: list[int] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._work, args=(i,)) for i in range(THREADS)]
 
     def _work(self, thread: int) -> None:
         n = 0
@@ -83,16 +81,6 @@ class WriteLoad:
             finally:
                 if conn is not None:
                     self.pool.putconn(conn)
-
-    def __enter__(self) -> WriteLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
 
 def autocommit(conn: Any) -> None:
@@ -228,20 +216,6 @@ def test_a_check_rejects_an_idle_connection_that_fails_it(sync_replica_pair: Rep
 # -- where the error comes from ------------------------------------------------
 
 
-def terminate(admin: Any, pid: int) -> None:
-    """End a backend with pg_terminate_backend() (FATAL 57P01) and wait until it is gone."""
-    with admin.cursor() as cur:
-        cur.execute("SELECT pg_terminate_backend(%s)", [pid])
-
-    def gone() -> bool:
-        with admin.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
-            count: int = cur.fetchone()[0]
-        return count == 0
-
-    wait_for(gone, what=f"backend {pid} gone")
-
-
 def leave_a_with_block(conn: Any) -> None:
     with conn:  # psycopg2 calls conn.commit() by name at the end
         pass
@@ -270,7 +244,7 @@ def test_a_connection_lost_at_commit_retires_every_connection_opened_before_it(
     older = pool.getconn()
     conn = pool.getconn()
     older_pid, pid = backend_pid(older), backend_pid(conn)  # both in a transaction now
-    terminate(admin, pid)
+    terminate(admin, {pid})
     with pytest.raises(psycopg2.OperationalError) as caught:
         LOST_AT[call](conn)
     # libpq read the FATAL (57P01) but reports "server closed the connection

@@ -27,7 +27,7 @@ from django_pgpool import base, maintenance, registry
 from django_pgpool.errors import PoolTimeout
 from django_pgpool.pool import REFILL_BACKOFF, ConnectionPool
 from tests.conftest import CONNECT_TIMEOUT, backend_pid
-from tests.helpers import make_wrapper, scalar, wait_for
+from tests.helpers import make_wrapper, scalar, terminate, wait_for
 from tests.pgserver import ServerInfo, ThrowawayServer
 from tests.tcpproxy import TcpProxy
 from tests.testapp.models import Item
@@ -54,24 +54,6 @@ def backends(admin: Any, application_name: str) -> set[int]:
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name]
         )
         return {row[0] for row in cur.fetchall()}
-
-
-def terminate(admin: Any, pids: set[int]) -> None:
-    """Kill these backends and wait until they are gone.
-
-    pg_terminate_backend() only signals the backend: it returns before the
-    backend has sent its FATAL message and exited.
-    """
-    with admin.cursor() as cur:
-        cur.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s) AS pid", [sorted(pids)])
-
-    def gone() -> bool:
-        with admin.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [sorted(pids)])
-            count: int = cur.fetchone()[0]
-        return count == 0
-
-    wait_for(gone, what=f"backends {sorted(pids)} gone")
 
 
 def select_one(conn: Any) -> None:

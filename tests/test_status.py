@@ -19,7 +19,7 @@ from django.db import connection
 from pytest_django.fixtures import Settings
 
 from django_pgpool import identity, maintenance, status
-from tests.helpers import wait_for
+from tests.helpers import own_snapshot, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,10 +29,6 @@ def backend_pid() -> int:
         cur.execute("SELECT pg_backend_pid()")
         pid: int = cur.fetchone()[0]
     return pid
-
-
-def own_snapshot() -> dict[str, object] | None:
-    return next((s for s in status.read_snapshots() if s["pid"] == os.getpid()), None)
 
 
 def test_each_process_publishes_a_snapshot_without_secrets() -> None:
